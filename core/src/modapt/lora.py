@@ -1,0 +1,97 @@
+"""LoRA, the reference method: ``W = W0 + s · B A`` with ``s = lora_alpha / r``.
+
+Numerics follow PEFT 0.21: A [r, in] Kaiming-uniform (a = √5), B [out, r] zeros, dropout on
+the adapter's input only, rsLoRA's ``s = lora_alpha / √r`` as an option. Embeddings (a linear
+map from one-hot ids, see :mod:`modapt.layers`) get A [r, num_embeddings] zeros and
+B [dim, r] normal, and no dropout, as in PEFT. Parameters ``lora_A.weight``, ``lora_B.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pydantic
+import torch
+from torch import nn
+
+from . import layers
+from .hookspecs import hookimpl
+from .methods import Capabilities, Method, Options
+from .update import Update
+
+
+class LoraOptions(Options):
+    r: int = pydantic.Field(8, gt=0, description="rank of the update")
+    lora_alpha: float = pydantic.Field(8.0, gt=0, description="scaling numerator: s = lora_alpha / r")
+    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    use_rslora: bool = pydantic.Field(False, description="s = lora_alpha / sqrt(r) (rank-stabilised LoRA)")
+
+
+def scaling(options) -> float:
+    """The scale ``s`` of LoRA-style updates: ``lora_alpha / r``, or ``/ √r`` with rsLoRA."""
+    return options.lora_alpha / (math.sqrt(options.r) if getattr(options, "use_rslora", False) else options.r)
+
+
+class Lora(Update):
+    """ΔW = s · B A. ``forward`` costs two thin matmuls; ΔW is never built in training."""
+
+    def __init__(self, host: nn.Module, options: LoraOptions):
+        super().__init__(host, options)
+        out_f, in_f = layers.dims_of(host.base_layer)
+        r = options.r
+        if r > min(out_f, in_f):
+            raise ValueError(f"r = {r} exceeds the layer's smaller dimension ({min(out_f, in_f)})")
+        self.scaling = scaling(options)
+        self.is_embedding = layers.layer_kind(host.base_layer) == "embedding"
+        host.lora_A = nn.Linear(in_f, r, bias=False)
+        host.lora_B = nn.Linear(r, out_f, bias=False)
+        with torch.no_grad():
+            if self.is_embedding:
+                nn.init.zeros_(host.lora_A.weight)
+                nn.init.normal_(host.lora_B.weight)
+            else:
+                nn.init.kaiming_uniform_(host.lora_A.weight, a=math.sqrt(5))
+                nn.init.zeros_(host.lora_B.weight)
+        dropout = options.dropout if not self.is_embedding else 0.0
+        host.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x, base_out, base_layer):
+        a, b = self.host.lora_A, self.host.lora_B
+        if self.is_embedding:
+            return (layers.embed(base_layer, x, a.weight.t()) @ b.weight.t()) * self.scaling
+        if x.dtype != a.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(a.weight.dtype)
+        return b(a(self.host.lora_dropout(x))) * self.scaling
+
+    def factors(self):
+        return self.host.lora_B.weight * self.scaling, self.host.lora_A.weight
+
+    def delta_weight(self, w0):
+        left, right = self.factors()
+        return (left.to(w0.dtype) @ right.to(w0.dtype))
+
+
+LORA = Method(
+    name="lora",
+    family="update",
+    options=LoraOptions,
+    build=Lora,
+    own_keys=("lora_A.weight", "lora_B.weight"),
+    capabilities=Capabilities(
+        mergeable=True,
+        composes_with=frozenset({"reparam", "attention", "module"}),
+        layer_kinds=frozenset({"linear", "conv1d", "embedding"}),
+        cheap_norm=True,
+    ),
+    description="LoRA: W0 + (lora_alpha/r) · B A (Hu et al., 2021)",
+)
+
+
+@hookimpl
+def modapt_register_methods(register):
+    register(LORA)
+
+
+@hookimpl
+def modapt_describe():
+    return {"description": "LoRA, the reference method (built into the core distribution)"}

@@ -1,0 +1,92 @@
+"""What a plugin registers: a method, its family, option schema and capabilities (as data)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pydantic
+
+Family = Literal["update", "reparam", "attention", "module"]
+FAMILIES: tuple[Family, ...] = ("update", "reparam", "attention", "module")
+LayerKind = Literal["linear", "conv1d", "embedding"]
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method promises. Tests, the composers rules and the CLI read these flags.
+
+    mergeable: folds into the base weights (``merge``); attention and module adapters do not.
+    exportable: its model can be exported to ONNX (merged or as graph terms).
+    identity_at_init: with its default options the adapted model equals the base model at
+        initialisation (the conformance suite checks it; LoRMA with ``inflation="none"``
+        and MAP's ``init="paper"`` over a non-zero update are examples where it does not hold).
+    composes_with: the families that may act on the same module as this method (for an
+        update: the reparam that wraps it; for an attention adapter: weight adapters beside it).
+    layer_kinds: for update and reparam methods, the layer kinds they adapt.
+    cheap_norm: an update has a closed-form ``frobenius_sq`` (MAP never builds ΔW over it).
+    """
+
+    mergeable: bool
+    exportable: bool = True
+    identity_at_init: bool = True
+    composes_with: frozenset[str] = frozenset()
+    layer_kinds: frozenset[str] = frozenset({"linear"})
+    cheap_norm: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mergeable": self.mergeable,
+            "exportable": self.exportable,
+            "identity_at_init": self.identity_at_init,
+            "composes_with": sorted(self.composes_with),
+            "layer_kinds": sorted(self.layer_kinds),
+            "cheap_norm": self.cheap_norm,
+        }
+
+
+class Options(pydantic.BaseModel):
+    """Base class of a method's hyper-parameters. Unknown keys are errors; values are strict.
+
+    A method subclasses this with its own fields (``r: int = 8``...). ``targets`` and
+    ``update`` are recipe structure handled by the core, never option fields.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adapter method, as registered by ``modapt_register_methods``.
+
+    name: the recipe's ``method`` value, unique across plugins (``lora``, ``map``).
+    family: ``update``, ``reparam``, ``attention`` or ``module`` (DESIGN.md).
+    options: the :class:`Options` subclass validating this method's recipe keys.
+    build: for ``update``: ``build(host, options) -> Update``; for ``reparam``:
+        ``build(host, options, update) -> Reparam`` (see :mod:`modapt.update`); for
+        ``attention`` and ``module``: ``build(module, options, model) -> Attachment``
+        (see :mod:`modapt.attachment`).
+    own_keys: the parameter keys this method adds under the adapted module's path
+        (``lora_A.weight``, ``map_alpha``); the conformance suite compares them.
+    capabilities: see :class:`Capabilities`.
+    description: one line for ``modapt plugins``.
+    default_targets: optional ``fn(model) -> list[str]`` used when an adapter entry gives no
+        ``targets`` (LMAM targets every attention module by default).
+    default_update: for a reparam, the update table used when an entry gives none (DoRA: LoRA).
+    peft: optional description of PEFT's format for this method (used by modapt-export).
+    """
+
+    name: str
+    family: Family
+    options: type[Options]
+    build: Callable[..., Any]
+    own_keys: tuple[str, ...]
+    capabilities: Capabilities
+    description: str = ""
+    default_targets: Callable[[Any], list[str]] | None = None
+    default_update: dict[str, Any] | None = None
+    peft: Any = None
+    # filled in by the registry: the distribution and plugin that registered it
+    distribution: str = field(default="", compare=False)
+    plugin: str = field(default="", compare=False)

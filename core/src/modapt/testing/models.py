@@ -1,0 +1,68 @@
+"""Tiny random ``transformers`` models built from configs (no downloads), for tests.
+
+Each factory is deterministic for a given seed, so two calls build the same weights: the
+"fresh base model" of a save/load test is a second call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(task: str = "causal-lm", seed: int = 0, **overrides):
+    """LLaMA: hidden 64, 2 layers, 4 heads, 2 KV heads (grouped-query), vocab 128."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+
+    cfg = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, num_labels=2,
+               attn_implementation="eager")
+    cfg.update(overrides)
+    cls = {"causal-lm": LlamaForCausalLM, "sequence-classification": LlamaForSequenceClassification,
+           "feature-extraction": LlamaModel}[task]
+    return _build(cls, LlamaConfig(**cfg), seed)
+
+
+def tiny_gpt2(task: str = "causal-lm", seed: int = 0, **overrides):
+    """GPT-2: n_embd 64, 2 layers, 4 heads, vocab 128 (Conv1D layers, fused c_attn)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel, GPT2Model
+
+    cfg = dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, num_labels=2,
+               attn_implementation="eager")
+    cfg.update(overrides)
+    cls = {"causal-lm": GPT2LMHeadModel, "sequence-classification": GPT2ForSequenceClassification,
+           "feature-extraction": GPT2Model}[task]
+    return _build(cls, GPT2Config(**cfg), seed)
+
+
+def tiny_bert(task: str = "sequence-classification", seed: int = 0, **overrides):
+    """BERT: hidden 64, 2 layers, 4 heads, intermediate 96, vocab 128 (an encoder)."""
+    from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+
+    cfg = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+               max_position_embeddings=256, pad_token_id=0, num_labels=2, attn_implementation="eager")
+    cfg.update(overrides)
+    cls = {"masked-lm": BertForMaskedLM, "causal-lm": BertForMaskedLM,
+           "sequence-classification": BertForSequenceClassification, "feature-extraction": BertModel}[task]
+    return _build(cls, BertConfig(**cfg), seed)
+
+
+def _build(cls, config, seed):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls(config)
+    model.eval()
+    return model
+
+
+MODEL_FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+
+
+def tiny_inputs(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1, padded: bool = True):
+    """``input_ids`` [batch, seq] and ``attention_mask`` (the first row right-padded by 2 when ``padded``)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=gen)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if padded and seq > 2:
+        mask[0, -2:] = 0
+        ids[0, -2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
