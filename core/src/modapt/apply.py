@@ -155,11 +155,13 @@ def _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtyp
             _place(host, [p for n, p in host.named_parameters() if not n.startswith("base_layer.")],
                    [b for n, b in host.named_buffers() if not n.startswith("base_layer.")],
                    module.weight, autocast_adapter_dtype)
+            host.train(module.training)  # new submodules (dropout) follow the layer's mode
             _set_submodule(model, path, host)
             state.layers[path] = host
             state.base_keys[path] = f"{path}.weight"
         else:
             attachment = method.build(module, spec.options, model)
+            module.train(module.training)  # new submodules follow the module's mode
             new_params = [p for p in module.parameters() if id(p) not in before]
             new_buffers = [b for b in module.buffers() if id(b) not in before]
             reference = next((p for p in module.parameters() if id(p) in before), None)

@@ -16,3 +16,10 @@ def modapt_registry():
     registry = Registry(autoload=False)
     with use_registry(registry):
         yield registry
+
+
+def pytest_generate_tests(metafunc):
+    """Run each conformance test once per tiny model family named in the class's ``recipes``."""
+    if "conformance_family" in metafunc.fixturenames:
+        recipes = getattr(metafunc.cls, "recipes", None) or {}
+        metafunc.parametrize("conformance_family", sorted(recipes))

@@ -1,0 +1,238 @@
+"""The conformance suite every method plugin runs (the model: PEFT's shared tests).
+
+Subclass :class:`MethodConformance` in your plugin's ``tests/test_conformance.py``::
+
+    from modapt.testing.conformance import MethodConformance
+    import modapt_map.plugin
+
+    class TestMapConformance(MethodConformance):
+        plugins = {"map": modapt_map.plugin}          # registered in an isolated registry
+        recipes = {                                    # tiny model family -> recipe
+            "llama": {"adapter": [{"method": "map", "targets": ["q_proj", "v_proj"],
+                                   "update": {"method": "lora", "r": 4}}]},
+            "gpt2": {...},
+            "bert": {...},
+        }
+
+Every test runs once per family in ``recipes`` (``llama``, ``gpt2``, ``bert``; see
+:mod:`modapt.testing.models`). What a test expects follows the capability flags the methods
+declare (``mergeable``, ``identity_at_init``), never the method's name. Plugins register in
+a fresh registry with autoloading off, so a plugin's tests do not depend on what else is
+installed; the core's LoRA is always registered.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import modapt
+from modapt.adapted_layer import AdaptedLayer
+from modapt.registry import Registry, use_registry
+from modapt.testing.models import MODEL_FACTORIES, tiny_inputs
+
+FAMILY_TASKS = {"llama": "causal-lm", "gpt2": "causal-lm", "bert": "sequence-classification"}
+
+
+def model_output(model, inputs) -> torch.Tensor:
+    """The model's main output tensor (logits, or the last hidden state)."""
+    out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+@torch.no_grad()
+def perturb(model, seed: int = 0, scale: float = 0.05) -> None:
+    """Move every trainable parameter away from its init, deterministically (a non-trivial adapter)."""
+    gen = torch.Generator().manual_seed(seed)
+    for _, param in sorted(modapt.trainable_parameters(model).items()):
+        noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+        param.add_((noise * scale * (1 + param.detach().float().abs().mean())).to(param.dtype))
+
+
+class MethodConformance:
+    """Abstract conformance tests; see the module docstring. Not collected until subclassed."""
+
+    plugins: dict = {}
+    recipes: dict = {}
+    #: fp32 tolerance for merged vs unmerged outputs
+    merge_atol: float = 1e-5
+    #: tolerance for "equals the base model at init"
+    identity_atol: float = 1e-6
+
+    # ------------------------------------------------------------------ fixtures
+    @pytest.fixture
+    def registry(self):
+        import modapt.lora
+
+        registry = Registry(autoload=False)
+        registry.register_plugin(modapt.lora, name="lora", distribution="modapt")
+        for name, plugin in self.plugins.items():
+            if name != "lora":
+                registry.register_plugin(plugin, name=name, distribution=f"modapt-{name}")
+        with use_registry(registry):
+            yield registry
+
+    @pytest.fixture
+    def family(self, conformance_family):
+        return conformance_family
+
+    def build(self, family: str, **kwargs):
+        return MODEL_FACTORIES[family](task=FAMILY_TASKS[family], **kwargs)
+
+    def adapted(self, family, registry, **kwargs):
+        return modapt.apply(self.build(family, **kwargs), self.recipes[family], registry=registry)
+
+    def methods(self, family, registry):
+        recipe = modapt.parse_recipe(self.recipes[family], registry)
+        return [registry.method(m) for m in recipe.methods()]
+
+    # ------------------------------------------------------------------ tests
+    def test_identity_at_init(self, family, registry):
+        methods = self.methods(family, registry)
+        if not all(m.capabilities.identity_at_init for m in methods):
+            pytest.skip("a method of this recipe does not promise identity at init (capability flag)")
+        base = self.build(family)
+        model = self.adapted(family, registry)
+        inputs = tiny_inputs()
+        with torch.no_grad():
+            torch.testing.assert_close(model_output(model, inputs), model_output(base, inputs),
+                                       atol=self.identity_atol, rtol=0)
+
+    def test_only_adapter_parameters_train(self, family, registry):
+        base_names = {n for n, _ in self.build(family).named_parameters()}
+        model = self.adapted(family, registry)
+        state = modapt.state_of(model)
+        trainable = modapt.trainable_parameters(model)
+        assert trainable, "the recipe made nothing trainable"
+        saved_modules = tuple(f"{p}." for p in state.modules_to_save)
+        for name in trainable:
+            assert name not in base_names or name.startswith(saved_modules), f"base parameter {name} is trainable"
+        for name, param in model.named_parameters():
+            if name not in trainable:
+                assert not param.requires_grad
+        inputs = tiny_inputs()
+        model.train()
+        model_output(model, inputs).float().pow(2).mean().backward()
+        for name, param in model.named_parameters():
+            if name in trainable:
+                assert param.grad is not None, f"adapter parameter {name} got no gradient"
+                assert torch.isfinite(param.grad).all(), f"adapter parameter {name} got a non-finite gradient"
+            else:
+                assert param.grad is None, f"frozen parameter {name} got a gradient"
+
+    def test_parameter_names_are_the_documented_keys(self, family, registry):
+        model = self.adapted(family, registry)
+        state = modapt.state_of(model)
+        for path, host in state.layers.items():
+            expected = set(registry.method(host.update.method_name).own_keys)
+            if host.reparam.method_name != "additive":
+                expected |= set(registry.method(host.reparam.method_name).own_keys)
+            got = {n for n, _ in host.named_parameters() if not n.startswith("base_layer.")}
+            assert got == expected, f"{path}: parameters {sorted(got)}, documented keys {sorted(expected)}"
+        for path, (method_name, _) in state.attachments.items():
+            documented = registry.method(method_name).own_keys
+            added = [n for n in modapt.adapter_state_dict(model) if n.startswith(f"{path}.")]
+            for name in added:
+                key = name[len(path) + 1:]
+                assert any(key == k or key.endswith("." + k) or key.startswith(k + ".") for k in documented), (
+                    f"{name}: key {key!r} is not among the documented keys {documented}")
+        file_names = set(modapt.adapter_state_dict(model))
+        param_names = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert param_names <= file_names, f"trainable parameters missing from the adapter file: {param_names - file_names}"
+
+    def test_merge_equals_unmerged_forward(self, family, registry):
+        model = self.adapted(family, registry)
+        perturb(model)
+        mergeable = all(m.capabilities.mergeable for m in self.methods(family, registry)
+                        if m.family in ("update", "reparam"))
+        inputs = tiny_inputs()
+        base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        with torch.no_grad():
+            expected = model_output(model, inputs)
+            modapt.merge(model, unload=False)
+            torch.testing.assert_close(model_output(model, inputs), expected, atol=self.merge_atol, rtol=1e-5)
+            modapt.unmerge(model)
+            for name, param in model.named_parameters():
+                if name in base_weights:
+                    assert torch.equal(param, base_weights[name]), f"unmerge did not restore {name} bit-exactly"
+            torch.testing.assert_close(model_output(model, inputs), expected, atol=0, rtol=0)
+            if not mergeable:
+                return
+            modapt.merge(model, unload=True)
+            assert not any(isinstance(m, AdaptedLayer) for m in model.modules()), "merge(unload=True) left wrappers"
+            torch.testing.assert_close(model_output(model, inputs), expected, atol=self.merge_atol, rtol=1e-5)
+
+    def test_save_load_round_trip(self, family, registry, tmp_path):
+        model = self.adapted(family, registry)
+        perturb(model)
+        modapt.save(model, tmp_path / "adapter", registry=registry)
+        fresh = modapt.load(self.build(family), tmp_path / "adapter", registry=registry)
+        saved, loaded = modapt.adapter_state_dict(model), modapt.adapter_state_dict(fresh)
+        assert saved.keys() == loaded.keys()
+        for name in saved:
+            assert torch.equal(saved[name], loaded[name]), f"{name} differs after save/load"
+        inputs = tiny_inputs()
+        model.eval()
+        fresh.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model_output(fresh, inputs), model_output(model, inputs), atol=0, rtol=0)
+
+    def test_load_refuses_another_base(self, family, registry, tmp_path):
+        model = self.adapted(family, registry)
+        modapt.save(model, tmp_path / "adapter", registry=registry)
+        other = self.build(family, seed=1)
+        if not modapt.state_of(model).base_keys:
+            pytest.skip("this recipe touches no base weight (no fingerprint to check)")
+        before = copy.deepcopy(other.state_dict())
+        with pytest.raises(modapt.AdapterLoadError, match="other values"):
+            modapt.load(other, tmp_path / "adapter", registry=registry)
+        assert not modapt.is_adapted(other)
+        after = other.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    def test_bfloat16_and_moves(self, family, registry):
+        model = self.adapted(family, registry)
+        perturb(model)
+        inputs = tiny_inputs()
+        with torch.no_grad():
+            reference = model_output(model, inputs)
+            model.to(torch.bfloat16)
+            low = model_output(model, inputs)
+        assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+        assert (low.float() - reference).abs().max() < 0.1 * (1 + reference.abs().max())
+        model.to(torch.float32)
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+        for device in devices:
+            model.to(device)
+            moved = {k: v.to(device) for k, v in inputs.items()}
+            with torch.no_grad():
+                out = model_output(model, moved)
+            assert out.device.type == device
+        # a bf16 base keeps float32 adapter parameters (PEFT's autocast_adapter_dtype)
+        half = modapt.apply(self.build(family).to(torch.bfloat16), self.recipes[family], registry=registry)
+        saved_modules = tuple(f"{p}." for p in modapt.state_of(half).modules_to_save)
+        for name, param in modapt.trainable_parameters(half).items():
+            if name.startswith(saved_modules):
+                continue  # a module trained in full keeps the base dtype
+            assert param.dtype == torch.float32, f"{name} is {param.dtype}"
+        with torch.no_grad():
+            assert torch.isfinite(model_output(half, inputs).float()).all()
+
+    def test_eval_and_no_grad_are_deterministic(self, family, registry):
+        model = self.adapted(family, registry)
+        perturb(model)
+        model.eval()
+        inputs = tiny_inputs()
+        with torch.no_grad():
+            first, second = model_output(model, inputs), model_output(model, inputs)
+        assert torch.equal(first, second), "eval() forward is not deterministic (dropout still active?)"
+        assert not first.requires_grad
+
+    @pytest.mark.parametrize("suffix", [".toml", ".json", ".yaml"])
+    def test_recipe_round_trips_through_a_file(self, family, registry, tmp_path, suffix):
+        recipe = modapt.parse_recipe(self.recipes[family], registry)
+        path = tmp_path / f"recipe{suffix}"
+        modapt.write_recipe(recipe, path)
+        assert modapt.parse_recipe(path, registry) == recipe
