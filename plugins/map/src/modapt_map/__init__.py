@@ -1,0 +1,10 @@
+"""MAP (Si et al., 2025) for modapt: a weight is a vector; W* = α·W0/‖W0‖_F + β·ΔW/‖ΔW‖_F.
+
+``method = "map"`` is a reparam: it wraps any update (LoRA gives LoMAP). The plugin module
+registered through the entry point is :mod:`modapt_map.plugin`.
+"""
+
+from .options import MapOptions
+from .reparam import Map
+
+__all__ = ["Map", "MapOptions"]

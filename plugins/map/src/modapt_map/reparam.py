@@ -1,0 +1,113 @@
+"""The MAP reparametrisation of one weight: W* = α · W0/‖W0‖_F + β · ΔW/‖ΔW‖_F.
+
+Shapes: W0 and ΔW are canonical [out, in] (:mod:`modapt.layers`; an embedding's is
+[dim, num_embeddings]); α = ``map_alpha`` and β = ``map_beta`` are 0-dim parameters on the
+host; ‖W0‖_F = ``map_w0_norm`` is a 0-dim float32 buffer computed once (non-persistent: it is
+recomputed from the base weight, which the adapter file's fingerprint pins, so it never
+reaches the adapter file). The Frobenius norm of a matrix is the 2-norm of the flattened
+vector, so the formula is the same for every layer kind.
+
+Training never builds an [out, in] matrix when the update has a closed-form norm::
+
+    y = (α/‖W0‖) · (W0 x) + (β/‖ΔW‖) · ΔW x + b
+
+with ``W0 x + b`` the base layer's own output (one matmul), ``ΔW x`` the update's thin path
+and ‖ΔW‖² from ``update.frobenius_sq`` (r×r work for LoRA). Only when that returns ``None``
+is ΔW materialised (``update.delta_weight``) to take its norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modapt import Reparam, Update
+from modapt import layers
+
+from .options import MapOptions
+
+
+class Map(Reparam):
+    """MAP around ``update`` on ``host``. Parameters ``map_alpha`` and ``map_beta`` (0-dim).
+
+    ``update_parameter_names`` (the update's keys on the host, e.g. ``lora_A.weight``) and
+    ``magnitude_parameter_names`` (``map_alpha``, ``map_beta``) are the two groups of the
+    stepwise schedule.
+    """
+
+    magnitude_parameter_names = ("map_alpha", "map_beta")
+
+    def __init__(self, host: nn.Module, options: MapOptions, update: Update):
+        super().__init__(host, options, update)
+        # built after the update: everything adapter-owned on the host so far is the update's
+        self.update_parameter_names = tuple(
+            n for n, _ in host.named_parameters() if not n.startswith("base_layer."))
+        w0 = layers.weight_of(host.base_layer).detach()
+        w0_norm = torch.linalg.vector_norm(w0.float())
+        if not bool(torch.isfinite(w0_norm)) or float(w0_norm) == 0.0:
+            raise ValueError(f"‖W0‖_F is {float(w0_norm)}: MAP's direction W0/‖W0‖_F is undefined for this weight")
+        host.register_buffer("map_w0_norm", w0_norm, persistent=False)
+        beta = 1.0
+        if options.init == "identity":
+            beta = 0.0
+            self._nonzero_update(w0)
+        host.register_parameter("map_alpha", nn.Parameter(w0_norm.detach().clone()))
+        host.register_parameter("map_beta", nn.Parameter(torch.tensor(beta, dtype=torch.float32)))
+
+    @torch.no_grad()
+    def _nonzero_update(self, w0: torch.Tensor) -> None:
+        """Give ΔW a direction: every all-zero update parameter gets N(0, identity_std²).
+
+        With β = 0 the output is W0 x whatever ΔW is, and the gradients are finite because
+        ‖ΔW‖ > 0: β's gradient is ⟨∂L/∂W*, ΔW/‖ΔW‖⟩, the update's is scaled by β/‖ΔW‖ = 0 at
+        the first step and by a finite factor afterwards.
+        """
+        params = dict(self.host.named_parameters())
+        for name in self.update_parameter_names:
+            p = params[name]
+            if p.is_floating_point() and not bool(p.any()):
+                p.normal_(0.0, self.options.identity_std)
+        if float(self.update_norm(w0, floor=False)) == 0.0:
+            raise ValueError("init = \"identity\" needs a non-zero update, and this update's ΔW is still 0 after its "
+                             "zero parameters were re-initialised; use init = \"paper\"")
+
+    def update_norm(self, w0: torch.Tensor, *, floor: bool = True) -> torch.Tensor:
+        """max(‖ΔW‖_F, eps) as a 0-dim float32 tensor (differentiable; finite gradient at ΔW = 0).
+
+        ``w0`` [out, in] is the base weight as stored (LoRMA-style updates need it). The closed
+        form ``update.frobenius_sq`` is used when the update has one; otherwise ΔW is built.
+        The floor is a clamp of ‖ΔW‖² at eps²: below it the gradient is 0, not the 1/0 of √.
+        """
+        sq = self.update.frobenius_sq(w0)
+        if sq is None:
+            sq = self.update.delta_weight(w0).float().square().sum()
+        sq = sq.float()
+        if floor:
+            sq = sq.clamp_min(self.options.eps ** 2)
+        return sq.sqrt()
+
+    def scales(self, w0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α/‖W0‖_F, β/max(‖ΔW‖_F, eps)), the two 0-dim factors of W* = a·W0 + b·ΔW."""
+        host = self.host
+        return host.map_alpha / host.map_w0_norm, host.map_beta / self.update_norm(w0)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """y [..., out] = a·(W0 x) + b·(ΔW x) + bias, from the base output and the update's thin path.
+
+        Written as ``base_out + (a − 1)·(base_out − bias) + …`` so that a = 1, β = 0 gives
+        the base output bit for bit (identity at init).
+        """
+        base = self.base_layer
+        base_out = base(x, *args, **kwargs)
+        a, b = self.scales(layers.weight_of(base))
+        delta_x = self.update.forward(x, base_out, base)
+        bias = getattr(base, "bias", None)
+        w0_x = base_out if bias is None else base_out - bias
+        out = base_out + (a - 1).to(base_out.dtype) * w0_x
+        return out + (b * delta_x).to(base_out.dtype)
+
+    def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
+        """W* [out, in] = a·W0 + b·ΔW in ``w0``'s dtype (the core passes float32)."""
+        a, b = self.scales(w0)
+        delta = self.update.delta_weight(w0).to(w0.dtype)
+        return a.to(w0.dtype) * w0 + b.to(w0.dtype) * delta
