@@ -1,0 +1,66 @@
+"""The ``adalora`` method and the two training hooks that drive it (entry point ``adalora``)."""
+
+from __future__ import annotations
+
+import modapt
+from modapt import Capabilities, Method
+
+from .allocator import allocators_of
+from .options import SCHEDULE_KEYS, AdaLoraOptions
+from .orthogonality import orthogonality
+from .svd_update import AdaLora
+
+#: How this method's tensors and options map onto PEFT 0.21's AdaLoRA (for modapt-export).
+#: Tensors: modapt ``<path>.<key>`` <-> PEFT file ``base_model.model.<path>.<key>`` (no adapter
+#: name in PEFT's file). PEFT keeps the rank pattern in ``adapter_config.json`` (``rank_pattern``,
+#: ``{"<path>.lora_E": [bool] * init_r}``) and drops the pruned triplets from the saved tensors;
+#: modapt keeps full ``init_r`` tensors and the pattern as the ``rank_pattern`` buffer.
+PEFT_FORMAT = {
+    "peft_type": "ADALORA",
+    "keys": {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"},
+    "options": {**{k: k for k in SCHEDULE_KEYS}, "lora_alpha": "lora_alpha", "dropout": "lora_dropout"},
+    "rank_pattern": "rank_pattern",
+}
+
+ADALORA = Method(
+    name="adalora",
+    family="update",
+    options=AdaLoraOptions,
+    build=AdaLora,
+    own_keys=("lora_A", "lora_E", "lora_B"),
+    capabilities=Capabilities(
+        mergeable=True,
+        composes_with=frozenset({"reparam", "attention", "module"}),
+        layer_kinds=frozenset({"linear", "conv1d"}),
+        cheap_norm=True,
+    ),
+    description="AdaLoRA: ΔW = P Λ Q · lora_alpha/init_r with an adaptive rank budget (Zhang et al., 2023)",
+    peft=PEFT_FORMAT,
+)
+
+
+@modapt.hookimpl
+def modapt_register_methods(register):
+    register(ADALORA)
+
+
+@modapt.hookimpl
+def modapt_regularization_loss(model):
+    """orth_reg_weight · mean orthogonality residual, per schedule group; None without AdaLoRA layers."""
+    terms = [a.options.orth_reg_weight * orthogonality(a.hosts.values())
+             for a in allocators_of(model) if a.options.orth_reg_weight > 0]
+    if not terms:
+        return None
+    return sum(terms[1:], terms[0])
+
+
+@modapt.hookimpl
+def modapt_after_optimizer_step(model, step):
+    """Importance scores and rank allocation (PEFT's ``update_and_allocate(step)``)."""
+    for allocator in allocators_of(model):
+        allocator.step(step)
+
+
+@modapt.hookimpl
+def modapt_describe():
+    return {"description": "AdaLoRA: SVD-form updates whose ranks are pruned to a budget during training"}
