@@ -1,0 +1,12 @@
+import pytest
+
+import modapt.lora
+import modapt_lorma.plugin
+
+
+@pytest.fixture
+def registry(modapt_registry):
+    """An isolated registry with LoRA (core) and LoRMA registered."""
+    modapt_registry.register_plugin(modapt.lora, name="lora", distribution="modapt")
+    modapt_registry.register_plugin(modapt_lorma.plugin, name="lorma", distribution="modapt-lorma")
+    return modapt_registry
