@@ -1,8 +1,28 @@
-"""``modapt merge`` (owned by the merge work; placeholder)."""
+"""``modapt merge --base MODEL_DIR --adapter ADAPTER_DIR --out OUT_DIR``: a plain checkpoint."""
+
+from __future__ import annotations
+
+import sys
 
 
 def configure(parser):
-    def run(args):
-        raise SystemExit("modapt merge is not implemented yet")
-
+    parser.description = ("Fold an adapter (a modapt adapter folder or a PEFT one) into a safetensors checkpoint, "
+                          "shard by shard, and write a checkpoint that plain transformers loads.")
+    parser.add_argument("--base", required=True, metavar="MODEL_DIR",
+                        help="transformers checkpoint folder (config.json + model.safetensors or shards)")
+    parser.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="modapt or PEFT adapter folder")
+    parser.add_argument("--out", required=True, metavar="OUT_DIR", help="output folder (must not exist)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--unsafe", action="store_true", help="do not stop on NaN/Inf in a merged tensor")
+    parser.add_argument("--no-verify-base", action="store_true",
+                        help="skip the base fingerprint check (a base in another dtype than the adapter was trained on)")
     parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from .merge import merge_checkpoint
+
+    out = merge_checkpoint(args.base, args.adapter, args.out, safe=not args.unsafe, overwrite=args.overwrite,
+                           verify_base=not args.no_verify_base)
+    print(f"merged {args.adapter} into {args.base}: {out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,378 @@
+"""Streaming merge of an adapter into a safetensors checkpoint: ``merge_checkpoint``.
+
+The model is never loaded. A skeleton of it is built on the ``meta`` device from
+``config.json`` (no memory, no weights) to resolve the recipe's targets exactly as training
+did and to see which weights are tied. Then, one layer at a time, a tiny host is built: a
+copy of the layer's meta module holding the real base tensor (read alone from its shard),
+wrapped by :class:`modapt.AdaptedLayer`, its method built from the recipe through the
+registry and the adapter's tensors copied in; ``host.merged_weight()`` gives W* (fp32
+inside, the stored dtype out). The merge knows no method by name: each plugin's reparam
+and update do the work through the update contract.
+
+Each output shard is its input shard with the merged tensors' bytes overwritten (see
+:mod:`modapt_export.shards`); everything else is copied through byte for byte. The output
+is written into a temporary folder beside ``out_dir`` and renamed into place at the end, so a
+failed merge leaves no output folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import modapt
+from modapt import AdaptedLayer, Additive, ModaptError, layers
+from modapt.fingerprint import fingerprint, first_mismatch
+from modapt.recipe import AdapterSpec, Recipe, parse_recipe
+from modapt.registry import Registry, default_registry
+
+from .shards import INDEX_NAME, PICKLE_WEIGHTS, Checkpoint, CheckpointError, TensorEntry, write_shard
+
+WEIGHT_FAMILIES = ("update", "reparam")
+# weight files in other formats would ship the unmerged weights next to the merged ones
+SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+
+
+class MergeError(ModaptError):
+    """The adapter cannot be merged into this base (mismatch, non-finite result, unsupported)."""
+
+
+@dataclass
+class AdapterSource:
+    """An adapter read from disk, whatever its format, with modapt's tensor names.
+
+    fingerprint: {base key: {"dtype", "shape", "sha256"}} recorded at save time, or ``None``
+        (PEFT adapters record none).
+    """
+
+    directory: Path
+    recipe: Recipe
+    tensors: dict[str, torch.Tensor]
+    fingerprint: dict[str, dict] | None
+    origin: str  # "modapt" or "peft"
+
+
+@dataclass
+class LayerPlan:
+    """One adapted layer: its module path, the base key it changes, its meta module and spec."""
+
+    path: str
+    key: str
+    module: nn.Module
+    spec: AdapterSpec
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # own key -> adapter tensor
+
+
+def read_adapter(directory: str | os.PathLike, registry: Registry | None = None) -> AdapterSource:
+    """Read a modapt adapter folder, or a PEFT one (``peft_type`` in its config)."""
+    from modapt import persistence
+
+    registry = registry or default_registry()
+    directory = Path(directory)
+    config_path = directory / persistence.CONFIG_NAME
+    if config_path.is_file():
+        try:
+            raw = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise modapt.AdapterLoadError(f"{config_path}: not valid JSON: {exc}") from None
+        if isinstance(raw, dict) and "peft_type" in raw:
+            from .peft_format import read_peft_adapter
+
+            recipe, tensors = read_peft_adapter(directory, registry)
+            return AdapterSource(directory, parse_recipe(recipe, registry), tensors, None, "peft")
+    config = persistence.read_config(directory)
+    try:
+        recipe = parse_recipe(config["recipe"], registry)
+    except ModaptError as exc:
+        raise modapt.AdapterLoadError(f"{directory}: the saved recipe cannot be used here: {exc}") from None
+    tensors = persistence.read_tensors(directory, config)
+    return AdapterSource(directory, recipe, tensors, config["base_fingerprint"].get("tensors"), "modapt")
+
+
+def skeleton(base_dir: str | os.PathLike, config_overrides: dict | None = None) -> nn.Module:
+    """The base model built on the ``meta`` device from its ``config.json``: names, classes, ties."""
+    import transformers
+
+    base_dir = Path(base_dir)
+    if not (base_dir / "config.json").is_file():
+        raise CheckpointError(f"{base_dir}: no config.json (a transformers checkpoint folder is expected)")
+    try:
+        config = transformers.AutoConfig.from_pretrained(base_dir, **(config_overrides or {}))
+    except Exception as exc:
+        raise CheckpointError(f"{base_dir}/config.json: transformers cannot read it: {exc}") from None
+    names = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is None:
+        raise CheckpointError(f"{base_dir}/config.json: 'architectures' ({names}) names no class of this "
+                              f"transformers ({transformers.__version__})")
+    with torch.device("meta"):
+        model = cls(config)
+    model.eval()
+    return model
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """Lists of parameter names that share one tensor (``lm_head.weight`` and the embedding)."""
+    groups: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(param), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def check_mergeable(recipe: Recipe, registry: Registry) -> None:
+    """Refuse adapters that cannot be folded into weights, naming the method and the way out."""
+    for name in recipe.methods():
+        method = registry.method(name)
+        if not method.capabilities.mergeable or method.family not in WEIGHT_FAMILIES:
+            raise MergeError(
+                f"the adapter uses '{name}' ({method.family} family), which cannot be folded into the weights of a "
+                "plain checkpoint; export the adapted model with 'modapt export onnx' instead, which writes it into "
+                "the graph")
+
+
+def plan_layers(model: nn.Module, source: AdapterSource, registry: Registry) -> tuple[list[LayerPlan], list[str]]:
+    """(adapted layers, modules_to_save paths), every adapter tensor assigned to exactly one of them."""
+    from modapt.apply import _plan  # target resolution exactly as modapt.apply does it, without building
+    from modapt.targets import match_targets
+
+    plans = []
+    for path, _, spec in _plan(model, source.recipe, registry):
+        module = model.get_submodule(path)
+        plans.append(LayerPlan(path, f"{path}.weight", module, spec))
+    saved = []
+    if source.recipe.modules_to_save:
+        saved = match_targets(model, source.recipe.modules_to_save, path="modules_to_save")
+    owners = {p.path: p for p in plans}
+    for name, tensor in source.tensors.items():
+        parent = name.rpartition(".")[0]
+        owner = None
+        while parent:
+            if parent in owners or parent in saved:
+                owner = parent
+                break
+            parent = parent.rpartition(".")[0]
+        if owner is None:
+            raise MergeError(f"{source.directory}: tensor '{name}' belongs to no adapted layer or module to save of "
+                             "this base model (an adapter for another model?)")
+        if owner in owners:
+            owners[owner].tensors[name[len(owner) + 1:]] = tensor
+    return plans, saved
+
+
+def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Registry) -> AdaptedLayer:
+    """A one-layer host: the layer's module with its real base tensors, the adapter built and loaded.
+
+    ``get(key)`` reads one base tensor (weight [out, in] as stored, bias [out]).
+    """
+    module = copy.deepcopy(plan.module)  # meta: costs nothing, keeps class and options (padding_idx...)
+    for name, _ in list(module.named_parameters(recurse=False)):
+        setattr(module, name, nn.Parameter(get(f"{plan.path}.{name}"), requires_grad=False))
+    host = AdaptedLayer(module)
+    spec = plan.spec
+    method = registry.method(spec.method)
+    update_spec = spec if method.family == "update" else spec.update
+    try:
+        update = registry.method(update_spec.method).build(host, update_spec.options)
+        update.method_name = update_spec.method
+        if method.family == "reparam":
+            reparam = method.build(host, spec.options, update)
+            reparam.method_name = spec.method
+        else:
+            reparam = Additive(host, None, update)
+            reparam.method_name = "additive"
+    except ValueError as exc:
+        raise MergeError(f"cannot rebuild the adapter of '{plan.path}': {exc}") from None
+    host.update, host.reparam = update, reparam
+    host.eval()
+    targets = {n: p for n, p in host.named_parameters() if not n.startswith("base_layer.")}
+    targets.update(update.extra_state())
+    missing = sorted(set(targets) - set(plan.tensors))
+    extra = sorted(set(plan.tensors) - set(targets))
+    if missing or extra:
+        what = f"missing '{plan.path}.{missing[0]}'" if missing else f"unexpected '{plan.path}.{extra[0]}'"
+        raise MergeError(f"the adapter tensors do not fit the recipe's '{spec.method}' on '{plan.path}': {what}")
+    with torch.no_grad():
+        for name, target in targets.items():
+            got = plan.tensors[name]
+            if tuple(got.shape) != tuple(target.shape):
+                raise MergeError(f"adapter tensor '{plan.path}.{name}' has shape {list(got.shape)}, this base needs "
+                                 f"{list(target.shape)}")
+            target.copy_(got)
+    return host
+
+
+def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool) -> torch.Tensor:
+    """W* of one layer, laid out and typed as the checkpoint stores its weight."""
+    host = build_host(plan, get, registry)
+    stored = layers.to_storage(host.base_layer, host.merged_weight()).contiguous()
+    if safe and stored.is_floating_point() and not torch.isfinite(stored).all():
+        raise MergeError(f"merging '{plan.path}' gives NaN or Inf (fp16/bf16 overflow or a diverged adapter); "
+                         "nothing was written")
+    return stored
+
+
+def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                     safe: bool = True, overwrite: bool = False, verify_base: bool = True,
+                     registry: Registry | None = None) -> Path:
+    """Fold the adapter in ``adapter_dir`` into the checkpoint ``base_dir``; write ``out_dir``.
+
+    base_dir: a transformers folder with ``config.json`` and ``model.safetensors`` or shards
+        plus ``model.safetensors.index.json``.
+    adapter_dir: a modapt adapter (``modapt.save``) or a PEFT adapter folder.
+    safe: refuse a merged tensor with NaN or Inf (on by default).
+    verify_base: check the base fingerprint recorded in a modapt adapter against the shards.
+
+    Returns ``out_dir``. The output has the same shard files and index, the merged tensors in
+    their original dtype and layout, every other tensor byte for byte, and the other files of
+    ``base_dir`` (config, tokenizer, generation config). On any error nothing is left behind.
+    """
+    registry = registry or default_registry()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise MergeError(f"{out_dir} exists; choose another output folder (or pass overwrite)")
+    ckpt = Checkpoint.open(base_dir)
+    source = read_adapter(adapter_dir, registry)
+    check_mergeable(source.recipe, registry)
+    model = skeleton(base_dir)
+    plans, saved = plan_layers(model, source, registry)
+
+    touched: dict[str, Callable[[], torch.Tensor]] = {}
+    groups = {name: g for g in tie_groups(model) for name in g}
+
+    def stored_key(key: str) -> str:
+        """``key``, or the tied weight sharing its tensor when the checkpoint saved the pair once."""
+        if key in ckpt:
+            return key
+        for other in groups.get(key, []):
+            if other in ckpt:
+                return other
+        raise CheckpointError(f"{base_dir}: tensor '{key}' is not in the checkpoint (nor a tied weight of it)")
+
+    def locate(key: str) -> TensorEntry:
+        return ckpt.entries[stored_key(key)]
+
+    def get(key: str) -> torch.Tensor:
+        return ckpt.get(stored_key(key))
+
+    for plan in plans:
+        locate(plan.key)  # a missing base tensor is reported now, before anything is written
+        touched[plan.key] = (lambda p=plan: merged_tensor(p, get, registry, safe))
+    for path in saved:
+        for name, tensor in source.tensors.items():
+            if not name.startswith(path + "."):
+                continue
+            entry = locate(name)
+            if tuple(tensor.shape) != entry.shape:
+                raise MergeError(f"modules_to_save tensor '{name}' has shape {list(tensor.shape)}, the base stores "
+                                 f"{list(entry.shape)}")
+            if name in touched:
+                raise MergeError(f"'{name}' is both adapted and in modules_to_save")
+            touched[name] = (lambda t=tensor, e=entry: t.detach().to(e.torch_dtype).contiguous())
+
+    if verify_base and source.fingerprint is not None:
+        _verify_fingerprint(source, plans, get)
+
+    untie = _untie_plan(model, base_dir, ckpt, touched, groups)
+    by_file: dict[str, dict] = {name: {} for name in ckpt.files}
+    additions: dict[str, list] = {name: [] for name in ckpt.files}
+    for key, fn in touched.items():
+        if key in ckpt:
+            by_file[ckpt.entries[key].file][key] = fn
+    for key in untie:  # a tied weight saved once gets its own tensor, in its partner's shard
+        partner = stored_key(key)
+        entry = ckpt.entries[partner]
+        fn = touched.get(key) or (lambda k=partner: ckpt.get(k))
+        additions[entry.file].append((key, entry, fn))
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        for name in ckpt.files:
+            write_shard(base_dir / name, ckpt.headers[name], tmp / name, by_file[name], additions[name])
+        if ckpt.index is not None:
+            index = copy.deepcopy(ckpt.index)
+            for name, added in additions.items():
+                for key, entry, _ in added:
+                    index["weight_map"][key] = name
+                    if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
+                        index["metadata"]["total_size"] += entry.end - entry.begin
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        _copy_side_files(base_dir, tmp, untie)
+        _commit(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _verify_fingerprint(source: AdapterSource, plans: list[LayerPlan], get) -> None:
+    expected = source.fingerprint
+    keys = {p.key for p in plans}
+    if set(expected) != keys:
+        odd = sorted(set(expected) ^ keys)[0]
+        raise MergeError(f"{source.directory}: the fingerprint covers other tensors than the recipe adapts here "
+                         f"(first: '{odd}'): an adapter for another model?")
+    try:
+        _, actual = fingerprint(expected.keys(), get)
+    except KeyError as exc:
+        raise MergeError(f"base tensor {exc} is missing") from None
+    problem = first_mismatch(expected, actual)
+    if problem:
+        raise MergeError(f"the base checkpoint is not the one the adapter was trained on: {problem} "
+                         "(corrupted or another model; verify_base=False / --no-verify-base merges anyway)")
+
+
+def _untie_plan(model, base_dir: Path, ckpt: Checkpoint, touched: dict, groups: dict) -> list[str]:
+    """Keys absent from the checkpoint (saved once because tied) that must now be written apart.
+
+    When one weight of a tied group changes, the others keep W0 (that is what the adapted
+    model computes: the adapter wraps one module, the tied head reads the same W0), so the
+    group is untied: each member gets its own tensor and ``tie_word_embeddings`` is set to
+    false in the copied config. A tie that this flag does not control is refused.
+    """
+    broken = {tuple(g) for key in touched for g in [groups.get(key)] if g}
+    if not broken:
+        return []
+    untied = skeleton(base_dir, {"tie_word_embeddings": False})
+    still = {tuple(g) for g in tie_groups(untied)}
+    for group in broken:
+        if group in still:
+            raise MergeError(f"{', '.join(group)} share one tensor and the adapter changes "
+                             f"{', '.join(k for k in group if k in touched)}; this tie is not controlled by "
+                             "tie_word_embeddings, so the merged checkpoint cannot keep them apart")
+    return [key for group in broken for key in group if key not in ckpt]
+
+
+def _copy_side_files(base_dir: Path, out: Path, untie: list[str]) -> None:
+    for path in sorted(base_dir.iterdir()):
+        if not path.is_file() or path.name == INDEX_NAME or path.name in PICKLE_WEIGHTS:
+            continue
+        if path.name.endswith(SKIPPED_SUFFIXES) or path.name.startswith("pytorch_model"):
+            continue
+        shutil.copy2(path, out / path.name)
+    if untie:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+        config["tie_word_embeddings"] = False
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished folder into place (an old one is moved aside first, then removed)."""
+    old = None
+    if out_dir.exists():
+        if not overwrite:
+            raise MergeError(f"{out_dir} appeared during the merge; the result is not written")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
