@@ -1,0 +1,34 @@
+"""The plugin module named by the entry point: it registers the ``ia3`` method."""
+
+from __future__ import annotations
+
+import modapt
+
+from .ia3 import Ia3, Ia3Options
+
+IA3 = modapt.Method(
+    name="ia3",
+    family="update",
+    options=Ia3Options,
+    build=Ia3,
+    own_keys=("ia3_l",),
+    capabilities=modapt.Capabilities(
+        mergeable=True,                # delta_weight folds into W0
+        exportable=True,
+        identity_at_init=True,         # l = 1
+        composes_with=frozenset({"reparam", "attention", "module"}),
+        layer_kinds=frozenset({"linear", "conv1d"}),
+        cheap_norm=False,              # no closed-form ‖ΔW‖: MAP over IA3 materialises ΔW
+    ),
+    description="IA3: learned rescaling of a layer's outputs or inputs (Liu et al., 2022)",
+)
+
+
+@modapt.hookimpl
+def modapt_register_methods(register):
+    register(IA3)
+
+
+@modapt.hookimpl
+def modapt_describe():
+    return {"description": "IA3, the out-of-tree plugin template"}
