@@ -1,0 +1,34 @@
+"""Registers the ``bottleneck`` module method with modapt (entry point ``bottleneck``)."""
+
+from __future__ import annotations
+
+import modapt
+
+from .attachment import BottleneckOptions, build
+from .sites import find_blocks
+
+BOTTLENECK = modapt.Method(
+    name="bottleneck",
+    family="module",
+    options=BottleneckOptions,
+    build=build,
+    own_keys=("adapter_attn", "adapter_ffn"),
+    capabilities=modapt.Capabilities(
+        mergeable=False,
+        exportable=True,
+        composes_with=frozenset({"update", "reparam", "attention"}),
+        layer_kinds=frozenset(),
+    ),
+    description="Bottleneck adapters: series (Houlsby), parallel (He et al.), Adapter-FFN",
+    default_targets=find_blocks,
+)
+
+
+@modapt.hookimpl
+def modapt_register_methods(register):
+    register(BOTTLENECK)
+
+
+@modapt.hookimpl
+def modapt_describe():
+    return {"description": "bottleneck adapters on the residual path of transformer blocks"}
