@@ -1,0 +1,114 @@
+"""DoRA (Liu et al., ICML 2024): ``W = m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖_row`` over any update.
+
+Shapes (canonical, :mod:`modapt.layers`): W0, ΔW [out, in]; the magnitude m [out]
+(parameter ``lora_magnitude_vector``), initialised to ‖W0 + ΔW‖_row at build (= ‖W0‖_row for
+LoRA, whose ΔW is zero at init). The row norm is a constant of each step: computed without
+gradient, as PEFT does after DoRA §4.3.
+
+Forward, with ``s = m / ‖W0 + ΔW‖_row`` [out] and b the bias (none for embeddings)::
+
+    y = s ⊙ (W0 x + ΔW x) + b                         (eval, or no active dropout)
+    y = W0 x + b + (s − 1) ⊙ W0 x̃ + s ⊙ ΔW x̃          (training with dropout, x̃ = dropout(x))
+
+The second line is PEFT 0.21's: with dropout the base term is recomputed on the dropped
+input (one more full matmul of W0, only then). Without dropout ``W0 x + b`` is the base layer's
+own output; nothing multiplies W0 a second time, and the norm comes from the update's
+``factors()`` (:mod:`modapt_dora.norm`) in out×k work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modapt import Options, Reparam, layers
+
+from .norm import BaseRowNormCache, direct_row_norm, factored_row_norm
+from .rescale import rescale
+
+MAGNITUDE = "lora_magnitude_vector"
+
+
+class DoraOptions(Options):
+    """DoRA has no hyper-parameters of its own: rank, alpha and dropout belong to the update
+    (``[adapter.update]``, LoRA's ``r``, ``lora_alpha``, ``dropout``)."""
+
+
+class Dora(Reparam):
+    """The DoRA reparam on one host (an :class:`modapt.AdaptedLayer`)."""
+
+    def __init__(self, host: nn.Module, options: DoraOptions, update):
+        super().__init__(host, options, update)
+        base = host.base_layer
+        self.has_bias = getattr(base, "bias", None) is not None and layers.layer_kind(base) != "embedding"
+        self._w0_sq = BaseRowNormCache()
+        with torch.no_grad():
+            w0 = layers.weight_of(base).float()
+            magnitude = direct_row_norm(w0, update.delta_weight(w0))
+        host.register_parameter(MAGNITUDE, nn.Parameter(magnitude))
+
+    # ------------------------------------------------------------------ the norm
+    def row_norm(self) -> torch.Tensor:
+        """‖W0 + ΔW‖_row [out] float32, detached: factored when the update offers ``factors()``."""
+        base = self.base_layer
+        w0 = layers.weight_of(base)
+        with torch.no_grad(), torch.autocast(w0.device.type, enabled=False):
+            fac = self.update.factors()
+            if fac is None:
+                return direct_row_norm(w0, self.update.delta_weight(w0.float()))
+            left, right = fac
+            return factored_row_norm(w0, self._w0_sq.get(base.weight, w0), left, right)
+
+    def scale(self) -> torch.Tensor:
+        """s = m / ‖W0 + ΔW‖_row [out] float32; differentiable in m only."""
+        magnitude = getattr(self.host, MAGNITUDE)
+        return magnitude.float() / self.row_norm()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x, *args, **kwargs):
+        base = self.base_layer
+        base_out = base(x, *args, **kwargs)
+        scale = self.scale()
+        dropout = self._active_dropout()
+        if dropout is None:
+            delta = self.update.forward(x, base_out, base)
+            # y = s ⊙ (base_out − b + Δ) + b = (1 − s) ⊙ b + s ⊙ (base_out + Δ)
+            shift = (1.0 - scale) * self.host.base_layer.bias if self.has_bias else None
+            return rescale(base_out, delta, scale, shift)
+        dropped = dropout(x)
+        w0_dropped = layers.linear_apply(base, dropped, layers.weight_of(base))  # W0 x̃, no bias
+        dropped_out = w0_dropped + base.bias if self.has_bias else w0_dropped
+        delta = self._update_without_dropout(dropped, dropped_out)
+        # y = base_out + (s − 1) ⊙ W0 x̃ + s ⊙ ΔW x̃ = (base_out − W0 x̃) + s ⊙ (W0 x̃ + ΔW x̃)
+        return rescale(w0_dropped, delta, scale, base_out - w0_dropped)
+
+    def _active_dropout(self) -> nn.Module | None:
+        """The update's input dropout (``lora_dropout`` on the host) when it acts this call."""
+        dropout = getattr(self.host, "lora_dropout", None)
+        if not self.host.training or dropout is None or isinstance(dropout, nn.Identity):
+            return None
+        if isinstance(dropout, nn.Dropout) and dropout.p == 0:
+            return None
+        return dropout
+
+    def _update_without_dropout(self, dropped, dropped_out):
+        """ΔW x̃ for an already dropped x̃: the update's own dropout is off for this call, so the
+        base term and the update see the same mask (PEFT's semantics)."""
+        modules = self.host._modules
+        saved = modules["lora_dropout"]
+        modules["lora_dropout"] = _IDENTITY
+        try:
+            return self.update.forward(dropped, dropped_out, self.base_layer)
+        finally:
+            modules["lora_dropout"] = saved
+
+    # ------------------------------------------------------------------ merge
+    def merged_weight(self, w0):
+        """W* = m / ‖W0 + ΔW‖_row ⊙ (W0 + ΔW), [out, in] in ``w0``'s dtype; the norm direct."""
+        weight = w0 + self.update.delta_weight(w0).to(w0.dtype)
+        norm = torch.linalg.vector_norm(weight, dim=1)
+        magnitude = getattr(self.host, MAGNITUDE).to(w0.dtype)
+        return (magnitude / norm).unsqueeze(1) * weight
+
+
+_IDENTITY = nn.Identity()
