@@ -1,0 +1,137 @@
+"""LMAM inside transformers' attention interface.
+
+transformers 5 attention modules call ``ALL_ATTENTION_FUNCTIONS.get_interface(
+config._attn_implementation, eager_attention_forward)(module, query, key, value,
+attention_mask, scaling=..., dropout=..., **kwargs)``, and the model builds its masks with
+``ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]``. LMAM registers one wrapping
+implementation per base implementation, named ``lmam+<base>`` (``lmam+sdpa``, ``lmam+eager``,
+``lmam+flash_attention_2``), in both interfaces, and switches the config of the adapted
+attention modules to it. The wrapper calls the base implementation unchanged and adds the
+LMAM term (:mod:`modapt_lmam.term`) for modules that carry LMAM parameters; modules that do
+not (untargeted layers sharing the config) get the base implementation only.
+
+Masks: a function registered in ``AttentionInterface`` alone receives ``attention_mask=None``
+(causality and padding silently lost), so every name is registered in
+``AttentionMaskInterface`` too. For eager and SDPA bases it is ``eager_mask`` with both skips
+disabled: a float 4D mask [B, 1, q, L] on every call, never ``None`` for an unpadded batch
+(``sdpa_mask``'s data-dependent ``None`` would be baked into an exported graph). Flash bases
+keep ``flash_attention_mask`` (a 2D padding mask or ``None``) and LMAM applies causality itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from .attention_map import current_map
+from .region import region
+from .term import add_rows, add_to_weights, apply_block, block_weights, keep_mask, scores_bias
+
+PREFIX = "lmam+"
+SUPPORTED_BASES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
+SPEC_ATTR = "_modapt_lmam"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the attention function needs to know about one adapted module (kept on it as ``_modapt_lmam``).
+
+    causal: the module attends causally (a decoder): the map is masked by its lower triangle (eq. 11).
+    nonnegative: ``False`` (LMAM), ``True`` (¬N: inside the softmax) or ``"softmax"`` (¬S).
+    """
+
+    n: int
+    scale: float
+    align: str
+    nonnegative: bool | str
+    causal: bool
+
+
+def implementation_name(base: str) -> str:
+    return PREFIX + base
+
+
+def base_of(name: str | None) -> str | None:
+    """The base implementation behind ``lmam+<base>``, or ``name`` itself."""
+    return name[len(PREFIX):] if name and name.startswith(PREFIX) else name
+
+
+def base_function(module, base: str):
+    """The attention function the module would use under ``base``.
+
+    ``eager`` is not in ``ALL_ATTENTION_FUNCTIONS``: each modeling file has its own
+    ``eager_attention_forward``, found in the module's own Python module. GPT-2's
+    ``reorder_and_upcast_attn`` path is kept as GPT-2 itself would take it.
+    """
+    if base == "eager":
+        if getattr(module, "reorder_and_upcast_attn", False) and hasattr(module, "_upcast_and_reordered_attn"):
+            return _reordered_eager
+        return eager_function(type(module))
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def eager_function(cls):
+    """The ``eager_attention_forward`` of the modeling file that defines ``cls`` (None if absent)."""
+    return getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+
+
+def _reordered_eager(module, query, key, value, attention_mask, **kwargs):
+    return module._upcast_and_reordered_attn(query, key, value, attention_mask)
+
+
+def _make_attention(base: str):
+    def lmam_attention(module, query, key, value, attention_mask, **kwargs):
+        forward = base_function(module, base)
+        spec = module.__dict__.get(SPEC_ATTR)
+        if spec is None:
+            return forward(module, query, key, value, attention_mask, **kwargs)
+        q, length, heads = query.shape[2], key.shape[2], query.shape[1]
+        reg = region(spec.n, q, length, spec.align)
+        if isinstance(reg.rows, int) and reg.rows == 0:  # e.g. decoding past the first n tokens
+            return forward(module, query, key, value, attention_mask, **kwargs)
+        attn_s = current_map(module, spec.scale)
+        if spec.nonnegative is True:
+            if attention_mask is None or attention_mask.dim() != 4:
+                raise RuntimeError("LMAM's nonnegative = true needs a 4D attention mask (eager or sdpa attention)")
+            biased = scores_bias(attention_mask, attn_s, reg, heads, q, length, query.dtype)
+            return forward(module, query, key, value, biased, **kwargs)
+        output, weights = forward(module, query, key, value, attention_mask, **kwargs)
+        keep = keep_mask(attention_mask, reg, spec.causal, query.device)
+        block = block_weights(attn_s, reg, heads, keep, spec.nonnegative == "softmax")
+        output = add_rows(output, apply_block(block, value, reg), reg)
+        if weights is not None and weights.dim() == 4 and weights.shape[-1] == length:
+            weights = add_to_weights(weights, block, reg)
+        return output, weights
+
+    lmam_attention.__name__ = f"lmam_{base}_attention"
+    return lmam_attention
+
+
+def _make_mask(base: str):
+    from transformers import masking_utils
+
+    if base.startswith("flash"):
+        return masking_utils.flash_attention_mask
+
+    def lmam_mask(*args, **kwargs):
+        # always a 4D float mask: no None for unpadded batches (see the module docstring)
+        kwargs.pop("allow_is_causal_skip", None)
+        kwargs["allow_is_bidirectional_skip"] = False
+        return masking_utils.eager_mask(*args, **kwargs)
+
+    return lmam_mask
+
+
+def ensure_registered(base: str) -> str:
+    """Register ``lmam+<base>`` in both interfaces (idempotent); return the name."""
+    from transformers import masking_utils
+    from transformers.modeling_utils import AttentionInterface
+
+    name = implementation_name(base)
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _make_attention(base))
+    if name not in masking_utils.AttentionMaskInterface._global_mapping:
+        masking_utils.AttentionMaskInterface.register(name, _make_mask(base))
+    return name
