@@ -10,9 +10,7 @@ import pytest
 import torch
 
 import modapt
-import modapt.lora
 import modapt_adalora
-import modapt_adalora.plugin
 from modapt.testing import tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
 from modapt_adalora.allocator import adalora_layers, allocators_of
 
@@ -21,13 +19,6 @@ peft = pytest.importorskip("peft")
 FACTORIES = {"llama": (tiny_llama, "causal-lm", ["q_proj", "v_proj"]),
              "gpt2": (tiny_gpt2, "causal-lm", ["c_attn"]),
              "bert": (tiny_bert, "sequence-classification", ["query", "value"])}
-
-
-@pytest.fixture
-def registry(modapt_registry):
-    modapt_registry.register_plugin(modapt.lora, name="lora", distribution="modapt")
-    modapt_registry.register_plugin(modapt_adalora.plugin, name="adalora", distribution="modapt-adalora")
-    return modapt_registry
 
 
 def make_pair(family, registry, **options):
