@@ -60,5 +60,6 @@ def pi_apply_fft(lorma_a: torch.Tensor, lorma_b: torch.Tensor, scaling: float, y
         spectrum_y = torch.fft.rfft(flat, dim=-1)                      # [N, d//2 + 1]
         spectrum_a = torch.fft.rfft(a, dim=-1).conj()                  # [r, d//2 + 1]
         corr = torch.fft.irfft(spectrum_y[:, None, :] * spectrum_a[None], n=d, dim=-1)  # [N, r, d]
-        out = torch.einsum("nkd,dk->nd", corr, b) * scaling            # Σ_k B[i, k] c_k(i)
+        # Σ_k B[i, k] c_k(i); a broadcast product and a sum: einsum picked a path ~6× slower on CPU
+        out = (corr * b.t()).sum(dim=1) * scaling
     return out.reshape(y.shape)
