@@ -1,12 +1,70 @@
-"""``modapt train`` (the training loop arrives with the main-job issue)."""
+"""``modapt train``: fine-tune a model with a recipe (the loop is :mod:`modapt.trainer`).
+
+Everything that can be wrong with the arguments (a missing file, an unknown column, a recipe
+that targets nothing in this model) is reported before training starts.
+"""
 
 from __future__ import annotations
 
+import argparse
+
+from . import embedded, text_data
 from .errors import ModaptError
 
 
-def configure(parser) -> None:
-    def run(args) -> int:
-        raise ModaptError("modapt train is not implemented yet")
-
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", required=True, help="recipe file (.toml, .json, .yaml)")
+    parser.add_argument("--model", default=embedded.SMOLLM2,
+                        help=f"a local transformers model directory, or '{embedded.SMOLLM2}' (the embedded default)")
+    parser.add_argument("--data", default=embedded.ROTTEN_TOMATOES,
+                        help=f"CSV/JSONL file, a saved datasets folder, or '{embedded.ROTTEN_TOMATOES}'")
+    parser.add_argument("--out", required=True, help="output folder (best/, last/, metrics.jsonl, curves.png)")
+    parser.add_argument("--task", default="sequence-classification", choices=["sequence-classification", "causal-lm"])
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--epochs", type=float, default=None)
+    length.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N validation examples")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from .recipe import parse_recipe
+    from .trainer import TrainConfig, evaluate, train
+
+    for name in ("lr", "batch_size", "max_length"):
+        if getattr(args, name) <= 0:
+            raise ModaptError(f"--{name.replace('_', '-')} must be positive")
+    recipe = parse_recipe(args.recipe)  # recipe errors before anything heavy is loaded
+    label_column = None if args.task == "causal-lm" else args.label_column
+    examples = text_data.read_examples(args.data, text_column=args.text_column, label_column=label_column,
+                                       task=args.task)
+    train_set, val_set, test_set = text_data.split(examples, args.seed)
+    if args.limit is not None:
+        train_set = train_set.subset(range(min(args.limit, len(train_set))))
+    num_labels = max(2, len(examples.label_names))
+    model, tokenizer = embedded.load_model(args.model, args.task, num_labels)
+    from .apply import apply
+
+    apply(model, recipe)  # targets are checked against this model before the first step
+    config = TrainConfig(epochs=args.epochs if args.epochs is not None else 1.0, steps=args.steps, lr=args.lr,
+                         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                         eval_every=args.eval_every, eval_limit=args.eval_limit, task=args.task,
+                         progress=not args.no_progress)
+    before = evaluate(model, tokenizer, val_set, config)
+    print(f"before training: " + ", ".join(f"val {k} {v:.4f}" for k, v in before.items()))
+    summary = train(model, tokenizer, recipe, train_set, val_set, args.out, config)
+    if summary["interrupted"]:
+        print(f"interrupted at step {summary['steps']}: adapter saved to {summary['last_adapter']}")
+        return 130
+    print(f"after training: " + ", ".join(f"val {k} {v:.4f}" for k, v in summary["final"].items()))
+    print(f"best adapter: {summary['best_adapter']} (step {summary['best_step']}); curves: {summary['plot']}")
+    return 0

@@ -66,3 +66,20 @@ def tiny_inputs(batch: int = 2, seq: int = 8, vocab: int = 128, seed: int = 1, p
         mask[0, -2:] = 0
         ids[0, -2:] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def tiny_model_dir(path, task: str = "sequence-classification", words: list[str] | None = None):
+    """Save a tiny LLaMA and a word-level tokenizer to ``path`` (a local model folder for CLI tests)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = words or ["good", "bad", "movie", "film", "great", "awful", "plot", "actor", "fun", "dull"]
+    vocab = {"<pad>": 0, "<unk>": 1, "<eos>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        eos_token="<eos>")
+    model = tiny_llama(task=task, vocab_size=128)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
