@@ -2,5 +2,10 @@
 
 from .merge import MergeError, merge_checkpoint
 from .shards import CheckpointError
+from .generate import greedy_generate
+from .onnx_export import ExportError, export_onnx, export_onnx_pretrained
+from .onnx_verify import VerificationError
+from .ort_model import OrtModel
 
-__all__ = ["CheckpointError", "MergeError", "merge_checkpoint"]
+__all__ = ["CheckpointError", "ExportError", "MergeError", "OrtModel", "VerificationError", "export_onnx",
+           "export_onnx_pretrained", "greedy_generate", "merge_checkpoint"]
