@@ -120,21 +120,48 @@ class Cancelling(modapt.Update):
         return self.host.cancel_p - self.host.cancel_q
 
 
-class CancellingPlugin:
+class Nothing(modapt.Update):
+    """ΔW ≡ 0 with no parameters: no perturbation can give it a direction."""
+
+    def forward(self, x, base_out, base_layer):
+        return torch.zeros_like(base_out)
+
+    def delta_weight(self, w0):
+        return torch.zeros_like(w0)
+
+
+class TestUpdatesPlugin:
     @staticmethod
     @modapt.hookimpl
     def modapt_register_methods(register):
+        caps = modapt.Capabilities(mergeable=True, composes_with=frozenset({"reparam"}))
         register(modapt.Method(name="cancelling", family="update", options=modapt.Options, build=Cancelling,
-                               own_keys=("cancel_p", "cancel_q"),
-                               capabilities=modapt.Capabilities(mergeable=True, composes_with=frozenset({"reparam"}))))
+                               own_keys=("cancel_p", "cancel_q"), capabilities=caps))
+        register(modapt.Method(name="nothing", family="update", options=modapt.Options, build=Nothing,
+                               own_keys=(), capabilities=caps))
+
+
+def map_over(update: str, **options) -> dict:
+    return {"adapter": [{"method": "map", "targets": ["layer"], **options, "update": {"method": update}}]}
+
+
+def test_identity_init_perturbs_an_update_that_is_zero_without_a_zero_parameter(registry):
+    registry.register_plugin(TestUpdatesPlugin, name="test_updates")
+    model = modapt.apply(Holder(), map_over("cancelling"), registry=registry)
+    host = model.layer
+    delta = host.cancel_p - host.cancel_q
+    assert 0.5e-3 < float(delta.detach().std()) < 3e-3  # P and Q both moved by N(0, 1e-3²)
+    with torch.no_grad():
+        assert torch.equal(model(X), Holder()(X))
+    loss_of(model).backward()
+    assert float(host.map_beta.grad) != 0.0
 
 
 def test_identity_init_refuses_an_update_that_stays_zero(registry):
-    registry.register_plugin(CancellingPlugin, name="cancelling")
-    recipe = {"adapter": [{"method": "map", "targets": ["layer"], "update": {"method": "cancelling"}}]}
-    with pytest.raises(modapt.RecipeError, match="non-zero update"):
-        modapt.apply(Holder(), recipe, registry=registry)
-    paper = modapt.apply(Holder(), {"adapter": [{**recipe["adapter"][0], "init": "paper"}]}, registry=registry)
+    registry.register_plugin(TestUpdatesPlugin, name="test_updates")
+    with pytest.raises(modapt.RecipeError, match="needs a non-zero update"):
+        modapt.apply(Holder(), map_over("nothing"), registry=registry)
+    paper = modapt.apply(Holder(), map_over("nothing", init="paper"), registry=registry)
     with torch.no_grad():
         assert torch.equal(paper(X), Holder()(X))
 

@@ -58,18 +58,23 @@ class Map(Reparam):
     def _nonzero_update(self, w0: torch.Tensor) -> None:
         """Give ΔW a direction: every all-zero update parameter gets N(0, identity_std²).
 
-        With β = 0 the output is W0 x whatever ΔW is, and the gradients are finite because
-        ‖ΔW‖ > 0: β's gradient is ⟨∂L/∂W*, ΔW/‖ΔW‖⟩, the update's is scaled by β/‖ΔW‖ = 0 at
-        the first step and by a finite factor afterwards.
+        An update that is zero at init without a zero parameter (IA3's ΔW = diag(l − 1)·W0
+        with l = 1) gets N(0, identity_std²) added to every parameter instead. With β = 0 the
+        output is W0 x whatever ΔW is, and the gradients are finite because ‖ΔW‖ > 0: β's is
+        ⟨∂L/∂W*, ΔW/‖ΔW‖⟩, the update's is scaled by β/‖ΔW‖ (0 at the first step, finite after).
         """
         params = dict(self.host.named_parameters())
-        for name in self.update_parameter_names:
-            p = params[name]
-            if p.is_floating_point() and not bool(p.any()):
-                p.normal_(0.0, self.options.identity_std)
+        floating = [params[n] for n in self.update_parameter_names if params[n].is_floating_point()]
+        std = self.options.identity_std
+        for p in floating:
+            if not bool(p.any()):
+                p.normal_(0.0, std)
         if float(self.update_norm(w0, floor=False)) == 0.0:
-            raise ValueError("init = \"identity\" needs a non-zero update, and this update's ΔW is still 0 after its "
-                             "zero parameters were re-initialised; use init = \"paper\"")
+            for p in floating:
+                p.add_(torch.randn_like(p) * std)
+        if float(self.update_norm(w0, floor=False)) == 0.0:
+            raise ValueError("init = \"identity\" needs a non-zero update, and this update's ΔW stays 0 when its "
+                             "parameters are perturbed; use init = \"paper\"")
 
     def update_norm(self, w0: torch.Tensor, *, floor: bool = True) -> torch.Tensor:
         """max(‖ΔW‖_F, eps) as a 0-dim float32 tensor (differentiable; finite gradient at ΔW = 0).
