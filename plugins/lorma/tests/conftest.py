@@ -1,7 +1,6 @@
-import pytest
-
 import modapt.lora
 import modapt_lorma.plugin
+import pytest
 
 
 @pytest.fixture

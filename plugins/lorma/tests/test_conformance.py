@@ -1,12 +1,14 @@
 """The core's conformance suite on tiny LLaMA, GPT-2 and BERT; each family exercises other options."""
 
+from typing import ClassVar
+
 import modapt_lorma.plugin
 from modapt.testing.conformance import MethodConformance
 
 
 class TestLormaConformance(MethodConformance):
-    plugins = {"lorma": modapt_lorma.plugin}
-    recipes = {
+    plugins: ClassVar[dict] = {"lorma": modapt_lorma.plugin}
+    recipes: ClassVar[dict] = {
         # the paper's LLaMA setting (U, D, O, G: non-square up/down) plus q, v; LoRMA+ pre
         "llama": {"adapter": [{"method": "lorma", "targets": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
                                "r": 4, "lora_alpha": 4.0}]},

@@ -2,15 +2,14 @@
 
 import math
 
+import modapt
 import pytest
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-import modapt
 from modapt.testing import tiny_gpt2, tiny_inputs, tiny_llama
 from modapt_lorma import pi_path
 from modapt_lorma.inflation import pi_apply_direct, pi_apply_fft, rotate_rows
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 INFLATIONS = ("plus", "pi", "none")
 SIDES = ("pre", "post")

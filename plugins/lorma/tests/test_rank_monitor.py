@@ -1,11 +1,10 @@
 """The rank monitor: numerical ranks of T and ΔW (paper App. E.2 / E.3), from a loop or the core hook."""
 
+import modapt
 import pytest
 import torch
-from torch import nn
-
-import modapt
 from modapt_lorma import RankMonitor, rank_report
+from torch import nn
 
 
 class Square(nn.Module):

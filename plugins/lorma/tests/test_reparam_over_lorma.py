@@ -1,12 +1,11 @@
 """A reparam over LoRMA through the update contract only (what MAP does): frobenius_sq, or ΔW when it is None."""
 
+import modapt
 import pydantic
 import pytest
 import torch
-from torch import nn
-
-import modapt
 from modapt import Capabilities, Method, Options, Reparam, hookimpl
+from torch import nn
 
 
 class NormScaledOptions(Options):

@@ -24,7 +24,7 @@ MEASURED: dict[str, list[tuple[int, int, int, float, float]]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def coefficients(device_type: str) -> tuple[float, float, float] | None:
     """(α, β, γ) of the cost model for ``device_type`` (ms per unit), or ``None`` without measurements."""
     rows = MEASURED.get(device_type) or []

@@ -21,10 +21,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import modapt
 import torch
 from torch import nn
-
-import modapt
 
 logger = logging.getLogger("modapt_lorma")
 

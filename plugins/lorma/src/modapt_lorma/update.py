@@ -22,9 +22,8 @@ import math
 import warnings
 
 import torch
-from torch import nn
-
 from modapt import Update, layers
+from torch import nn
 
 from . import pi_path
 from .inflation import pi_apply_direct, pi_apply_fft, pi_matrix
@@ -44,7 +43,8 @@ class Lorma(Update):
         if self.kind == "embedding" and options.side == "post":
             raise ValueError(
                 "side = 'post' on an embedding would make T num_embeddings × num_embeddings "
-                f"({in_f}×{in_f}) and cost a dense pass over the table per token; use side = 'pre' (T is {out_f}×{out_f})")
+                f"({in_f}×{in_f}) and cost a dense pass over the table per token; "
+                f"use side = 'pre' (T is {out_f}×{out_f})")
         self.d = out_f if options.side == "pre" else in_f
         r = options.r
         if r > self.d:
