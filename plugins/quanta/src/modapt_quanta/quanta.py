@@ -1,0 +1,103 @@
+"""QuanTA (Chen et al., 2024): ``ΔW = T(θ) − T(θ0)``, a circuit of small tensors on a factorised dimension.
+
+T(θ) is the operator of :mod:`modapt_quanta.circuit`: the input x [..., d_in] reshaped to
+[..., a_1, …, a_N], one gate per pair of axes applied in sequence, reshaped to [..., d_out].
+Its rank is not limited by the gates' size (a product of full-rank gates is full-rank), which
+is the point of the method: high-rank updates at the parameter cost of small tensors.
+
+``θ0`` is a frozen copy of θ taken at initialisation, so ΔW = 0 and the adapted layer equals
+W0 at the start while T itself is a generic (orthogonal) operator whose gradients are not
+degenerate. The paper's own formulation is the same: W = W0 + T_θ − S with S = T_θ0 frozen.
+
+Host keys: ``quanta_theta`` (parameter, [P]) and ``quanta_theta0`` (buffer, [P], saved with the
+adapter through :meth:`Quanta.extra_state`): every gate, flattened and concatenated in circuit
+order, P = Σ o_m·o_n·i_m·i_n.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import pydantic
+import torch
+from torch import nn
+
+import modapt
+from modapt import layers
+
+from .circuit import apply_circuit, circuit_matrix, init_gates, plan_circuit
+from .factorization import factorize
+
+DEFAULT_NUM_AXES = 4  # N = 4 in the paper's settings (LoRaDA-LMAM Table 17, from QuanTA)
+
+
+class QuantaOptions(modapt.Options):
+    dims: list[Annotated[int, pydantic.Field(ge=2)]] | None = pydantic.Field(
+        None, min_length=2,
+        description="factors d1…dN of the hidden size, e.g. [16, 8, 8, 4] for 4096; a layer side of "
+                    "another size is factored automatically into as many axes")
+    num_axes: int | None = pydantic.Field(
+        None, ge=2, description="N for the automatic factorisation (default 4, or len(dims))")
+    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
+
+    @pydantic.model_validator(mode="after")
+    def _axes_agree(self):
+        if self.dims is not None and self.num_axes is not None and self.num_axes != len(self.dims):
+            raise ValueError(f"num_axes = {self.num_axes} but dims {self.dims} has {len(self.dims)} axes; "
+                             "give one of them")
+        return self
+
+
+def layer_factors(out_f: int, in_f: int, options: QuantaOptions) -> tuple[list[int], list[int]]:
+    """(input factors, output factors) of a layer [out_f, in_f] under ``options``.
+
+    ``dims`` applies to every side whose size is its product; any other side is factored by
+    :func:`modapt_quanta.factorization.factorize` into the same number of axes. ``ValueError``
+    when ``dims`` fits neither side, or a side cannot be factored.
+    """
+    if options.dims is None:
+        n = options.num_axes or DEFAULT_NUM_AXES
+        sides = [factorize(in_f, n), factorize(out_f, n) if out_f != in_f else None]
+        return sides[0], sides[1] or sides[0]
+    dims = list(options.dims)
+    hidden = math.prod(dims)
+    if hidden not in (in_f, out_f):
+        raise ValueError(f"dims {dims} multiply to {hidden}, but this layer maps {in_f} -> {out_f}; dims must "
+                         "factor its input or its output size (the other side is factored automatically)")
+    in_dims = dims if in_f == hidden else factorize(in_f, len(dims))
+    out_dims = dims if out_f == hidden else factorize(out_f, len(dims))
+    return in_dims, out_dims
+
+
+class Quanta(modapt.Update):
+    """ΔW = T(θ) − T(θ0). ``forward`` applies both circuits to x; ΔW is built only for merges."""
+
+    def __init__(self, host: nn.Module, options: QuantaOptions):
+        super().__init__(host, options)
+        out_f, in_f = layers.dims_of(host.base_layer)
+        in_dims, out_dims = layer_factors(out_f, in_f, options)
+        self.circuit = plan_circuit(in_dims, out_dims)
+        theta0 = init_gates(self.circuit)
+        host.register_parameter("quanta_theta", nn.Parameter(theta0.clone()))
+        host.register_buffer("quanta_theta0", theta0)
+        host.quanta_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
+
+    def forward(self, x, base_out, base_layer):
+        """x [..., in] -> T(θ) x − T(θ0) x [..., out] (the frozen circuit without autograd)."""
+        theta, theta0 = self.host.quanta_theta, self.host.quanta_theta0
+        if x.dtype != theta.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(theta.dtype)
+        x = self.host.quanta_dropout(x)
+        with torch.no_grad():
+            frozen = apply_circuit(self.circuit, theta0.to(theta.dtype), x)
+        return apply_circuit(self.circuit, theta, x) - frozen
+
+    def delta_weight(self, w0):
+        """ΔW [out, in] = T(θ) − T(θ0), each built once as a full matrix, in ``w0``'s dtype."""
+        theta = self.host.quanta_theta.to(w0.dtype)
+        theta0 = self.host.quanta_theta0.to(w0.dtype)
+        return circuit_matrix(self.circuit, theta) - circuit_matrix(self.circuit, theta0)
+
+    def extra_state(self):
+        return {"quanta_theta0": self.host.quanta_theta0}
