@@ -28,13 +28,13 @@ import torch
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024),
-    "160m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                 num_key_value_heads=12, vocab_size=32000),
+    "tiny": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "vocab_size": 1024},
+    "160m": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "num_key_value_heads": 12, "vocab_size": 32000},
     # TinyLlama-1.1B's shape
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
+    "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+               "num_key_value_heads": 4, "vocab_size": 32000},
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -54,8 +54,8 @@ def build_model(args, device, dtype):
 
 def schedule(args) -> dict:
     # every timed step falls in the shrinking phase: total_step far beyond the steps run
-    return dict(init_r=args.init_r, target_r=args.target_r, lora_alpha=float(args.alpha), tinit=0, tfinal=0,
-                deltaT=1, total_step=100 * (args.warmup + args.steps + 1))
+    return {"init_r": args.init_r, "target_r": args.target_r, "lora_alpha": float(args.alpha), "tinit": 0, "tfinal": 0,
+                "deltaT": 1, "total_step": 100 * (args.warmup + args.steps + 1)}
 
 
 def adapt(model, library, method, args):
@@ -68,8 +68,8 @@ def adapt(model, library, method, args):
         else:
             entry = {"method": "adalora", "targets": TARGETS, **schedule(args)}
         modapt.apply(model, {"adapter": [entry]})
-        loss_extra = lambda: modapt.regularization_loss(model)  # noqa: E731
-        after_step = lambda step: modapt.after_optimizer_step(model, step)  # noqa: E731
+        loss_extra = lambda: modapt.regularization_loss(model)
+        after_step = lambda step: modapt.after_optimizer_step(model, step)
         return model, list(modapt.trainable_parameters(model).values()), loss_extra, after_step
     import peft
 
@@ -135,12 +135,14 @@ def run(library, method, args, device, dtype):
         sync(device)
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    result = {"time": statistics.median(times), "peak": peak, "scores": score_bytes(model, library)}
-    del model, params, optimizer
+    return {"time": statistics.median(times), "peak": peak, "scores": score_bytes(model, library)}
+
+
+def release(device):
+    """Free the previous run's model before the next one is built (peak memory is per run)."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def main(argv=None):
@@ -168,6 +170,7 @@ def main(argv=None):
     for library in ("modapt", "peft"):
         for method in ("lora", "adalora"):
             r = run(library, method, args, device, dtype)
+            release(device)
             results[library, method] = r
             peak = f"{r['peak'] / 2**20:9.1f} MiB" if r["peak"] is not None else "      n/a"
             print(f"{library:7s} {method:8s} step {r['time'] * 1e3:9.2f} ms  peak {peak}  "

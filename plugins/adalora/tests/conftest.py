@@ -1,9 +1,8 @@
 """A registry with LoRA and AdaLoRA only (autoloading off), the default for each test."""
 
-import pytest
-
 import modapt.lora
 import modapt_adalora.plugin
+import pytest
 
 
 @pytest.fixture

@@ -6,17 +6,15 @@ Skipped when modapt-map is not installed.
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import modapt
 import modapt.lora
 import modapt_adalora
 import modapt_adalora.plugin
+import pytest
+import torch
 from modapt.testing import tiny_inputs, tiny_llama
 
-modapt_map = pytest.importorskip("modapt_map")
-import modapt_map.plugin  # noqa: E402
+map_plugin = pytest.importorskip("modapt_map.plugin")
 
 RECIPE = {"adapter": [{"method": "map", "targets": ["q_proj", "v_proj", "down_proj"],
                        "update": {"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 20,
@@ -27,7 +25,7 @@ RECIPE = {"adapter": [{"method": "map", "targets": ["q_proj", "v_proj", "down_pr
 def both(modapt_registry):
     modapt_registry.register_plugin(modapt.lora, name="lora", distribution="modapt")
     modapt_registry.register_plugin(modapt_adalora.plugin, name="adalora", distribution="modapt-adalora")
-    modapt_registry.register_plugin(modapt_map.plugin, name="map", distribution="modapt-map")
+    modapt_registry.register_plugin(map_plugin, name="map", distribution="modapt-map")
     return modapt_registry
 
 

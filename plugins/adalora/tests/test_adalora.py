@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import modapt
 import pytest
 import torch
-
-import modapt
 from modapt.testing import tiny_inputs, tiny_llama
 from modapt_adalora import AdaLoraOptions, allocators_of, budget_schedule, ranks
 from modapt_adalora.allocator import CACHE_ATTR, adalora_layers
 
 
 def recipe(**options):
-    opts = dict(init_r=4, target_r=2, total_step=10)
+    opts = {"init_r": 4, "target_r": 2, "total_step": 10}
     opts.update(options)
     targets = opts.pop("targets", ["q_proj", "v_proj"])
     return {"adapter": [{"method": "adalora", "targets": targets, **opts}]}

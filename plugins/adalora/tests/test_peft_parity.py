@@ -6,11 +6,10 @@ step the importance scores, Λ (masked in place) and the rank pattern must equal
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import modapt
 import modapt_adalora
+import pytest
+import torch
 from modapt.testing import tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
 from modapt_adalora.allocator import adalora_layers, allocators_of
 
@@ -92,7 +91,7 @@ def test_regulariser_has_gradients_and_zero_weight_adds_nothing(registry):
     assert modapt.regularization_loss(silent, registry=registry).item() == 0.0
 
 
-SCHEDULE = dict(tinit=2, tfinal=3, deltaT=2, beta1=0.8, beta2=0.9)   # total_step 12: the final mask at step 9
+SCHEDULE = {"tinit": 2, "tfinal": 3, "deltaT": 2, "beta1": 0.8, "beta2": 0.9}   # total_step 12: the final mask at step 9
 
 
 def scripted_run(ours, theirs, registry, steps, on_step=None):

@@ -14,11 +14,10 @@ step ``t`` here is PEFT's ``global_step``: the 0-based index of the optimizer st
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 import modapt
+import torch
 from modapt import StateError
+from torch import nn
 
 from .options import AdaLoraOptions
 from .svd_update import AdaLora

@@ -8,7 +8,6 @@ requires but types as optional.
 from __future__ import annotations
 
 import pydantic
-
 from modapt import Options
 
 #: The keys that define one rank budget. Adapter entries that agree on all of them share one

@@ -16,9 +16,8 @@ which triplets the last allocation kept; it is saved with the adapter.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from modapt import Update, layers
+from torch import nn
 
 from .options import AdaLoraOptions
 
