@@ -173,3 +173,21 @@ def test_saved_adapter_reloads_to_the_same_merged_weights(registry, tmp_path):
     for key in merged_ours:
         assert torch.equal(merged_ours[key], merged_fresh[key]), key
         torch.testing.assert_close(merged_ours[key], merged_theirs[key], rtol=1e-5, atol=1e-6)
+
+
+def test_peft_adapter_files_both_ways(registry, tmp_path):
+    """PEFT's save_pretrained (pruned triplets dropped, rank_pattern in the config) <-> modapt, via modapt-export."""
+    peft_format = pytest.importorskip("modapt_export.peft_format")
+    ours, theirs = make_pair("llama", registry, **SCHEDULE)
+    scripted_run(ours, theirs, registry, steps=11)
+    theirs.save_pretrained(tmp_path / "peft")
+    from_peft = peft_format.load_peft(tiny_llama(), tmp_path / "peft", registry=registry)
+    assert modapt_adalora.ranks(from_peft) == modapt_adalora.ranks(ours)
+    peft_format.save_peft(ours, tmp_path / "back", registry=registry)
+    back = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path / "back")
+    want = modapt.merge(ours).state_dict()
+    got_modapt = modapt.merge(from_peft).state_dict()
+    got_peft = back.merge_and_unload().state_dict()
+    for key in want:
+        assert torch.equal(got_modapt[key], want[key]), key
+        torch.testing.assert_close(got_peft[key], want[key], rtol=1e-5, atol=1e-6)
