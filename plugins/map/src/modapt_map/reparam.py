@@ -25,6 +25,7 @@ from modapt import Reparam, Update
 from modapt import layers
 
 from .options import MapOptions
+from .output import map_output
 
 
 class Map(Reparam):
@@ -100,16 +101,14 @@ class Map(Reparam):
         """y [..., out] = a·(W0 x) + b·(ΔW x) + bias, from the base output and the update's thin path.
 
         Written as ``base_out + (a − 1)·(base_out − bias) + …`` so that a = 1, β = 0 gives
-        the base output bit for bit (identity at init).
+        the base output bit for bit (identity at init); :mod:`modapt_map.output` computes it
+        without storing W0 x for the backward.
         """
         base = self.base_layer
         base_out = base(x, *args, **kwargs)
         a, b = self.scales(layers.weight_of(base))
         delta_x = self.update.forward(x, base_out, base)
-        bias = getattr(base, "bias", None)
-        w0_x = base_out if bias is None else base_out - bias
-        out = base_out + (a - 1).to(base_out.dtype) * w0_x
-        return out + (b * delta_x).to(base_out.dtype)
+        return map_output(x, delta_x, a, b, base_out, base)
 
     def merged_weight(self, w0: torch.Tensor) -> torch.Tensor:
         """W* [out, in] = a·W0 + b·ΔW in ``w0``'s dtype (the core passes float32)."""

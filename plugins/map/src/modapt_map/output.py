@@ -1,0 +1,67 @@
+"""The MAP layer output with one base matmul in the forward and one in the backward.
+
+    y [..., out] = base_out + (a − 1)·(W0 x) + b·u,   W0 x = base_out − bias,  u = ΔW x
+
+with a = α/‖W0‖_F and b = β/‖ΔW‖_F (0-dim). Plain autograd would keep ``W0 x`` [..., out]
+alive for a's gradient ⟨g, W0 x⟩, an activation LoRA does not store. This function gets it
+from the gradient of the input instead: ⟨g, W0 x⟩ = ⟨g W0, x⟩, and g W0 [..., in] is the
+product the backward computes anyway for x's gradient (a · g W0). It stores x (the tensor
+LoRA's A already stores, so no new memory when there is no dropout) and u in the output's
+dtype (for b's gradient ⟨g, u⟩).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from modapt import layers
+
+
+class MapOutput(torch.autograd.Function):
+    """``MapOutput.apply(x, u, a, b, base_out, base_layer)`` -> y; ``base_out`` is detached (a value)."""
+
+    @staticmethod
+    def forward(ctx, x, u, a, b, base_out, base_layer):
+        bias = getattr(base_layer, "bias", None)
+        w0_x = base_out if bias is None else base_out - bias
+        # base_out + (a − 1)·W0x rather than a·W0x + bias: a = 1, β = 0 is the base bit for bit
+        y = base_out + (a - 1).to(base_out.dtype) * w0_x + (b * u).to(base_out.dtype)
+        u_low = u.to(base_out.dtype)
+        ctx.save_for_backward(x, u_low, a, b)
+        ctx.base_layer = base_layer
+        ctx.u_dtype = u.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, u_low, a, b = ctx.saved_tensors
+        base = ctx.base_layer
+        w0 = layers.weight_of(base)
+        grad_x = grad_a = None
+        acc = torch.promote_types(g.dtype, torch.float32)  # sums of bf16 products accumulate in fp32
+        if layers.layer_kind(base) == "embedding":
+            if ctx.needs_input_grad[2]:
+                w0_x = layers.embed(base, x, w0.t().to(g.dtype))  # a lookup, recomputed: cheap
+                grad_a = (g * w0_x).sum(dtype=acc)
+        elif ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
+            g_w0 = g @ w0.to(g.dtype)  # [..., in]: the base path's input gradient, before the factor a
+            if ctx.needs_input_grad[2]:
+                grad_a = (g_w0 * x.to(g_w0.dtype)).sum(dtype=acc)
+            if ctx.needs_input_grad[0]:
+                grad_x = g_w0.mul_(a.to(g_w0.dtype)).to(x.dtype)
+        grad_u = (g * b.to(g.dtype)).to(ctx.u_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = (g * u_low).sum(dtype=acc) if ctx.needs_input_grad[3] else None
+        return (grad_x, grad_u,
+                None if grad_a is None else grad_a.to(a.dtype),
+                None if grad_b is None else grad_b.to(b.dtype), None, None)
+
+
+def map_output(x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base_out: torch.Tensor,
+               base_layer: nn.Module) -> torch.Tensor:
+    """y = base_out + (a − 1)·(base_out − bias) + b·u, differentiable in x, u, a and b.
+
+    ``base_out`` [..., out] is the base layer's output for ``x``; its own autograd graph (if an
+    update used it) is left to the update: here it is a value only.
+    """
+    return MapOutput.apply(x, u, a, b, base_out.detach(), base_layer)
