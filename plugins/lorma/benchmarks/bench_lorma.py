@@ -18,8 +18,8 @@ the fitted cost model and the crossover d the selector uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import os
 import resource
 import statistics
@@ -59,7 +59,8 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(method: str, d: int, tokens: int, r: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+def one(method: str, d: int, tokens: int, r: int, device: torch.device, dtype: torch.dtype, repeats: int,
+        autocast: bool = False) -> dict:
     """Time and peak memory of one configuration (run in a child process)."""
     import modapt
 
@@ -73,7 +74,8 @@ def one(method: str, d: int, tokens: int, r: int, device: torch.device, dtype: t
     x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
 
     def step():
-        out = net(x)
+        with autocast_ctx(device, autocast):
+            out = net(x)
         out.float().pow(2).mean().backward()
         for p in list(modapt.trainable_parameters(net).values()) + [x]:
             p.grad = None
@@ -100,7 +102,12 @@ def one(method: str, d: int, tokens: int, r: int, device: torch.device, dtype: t
     return {"step_ms": min(times), "median_ms": statistics.median(times), "peak_mib": max(peak, 0) / 2**20}
 
 
-def pi_rows(dims, token_counts, r, device, dtype, repeats):
+def autocast_ctx(device, autocast: bool):
+    """bf16 autocast (what a Trainer with bf16=True does) or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+
+
+def pi_rows(dims, token_counts, r, device, dtype, repeats, autocast=False):
     """(d, r, tokens, direct_ms, fft_ms) for T·y forward + backward, the selector's table."""
     from modapt_lorma.inflation import pi_apply_direct, pi_apply_fft
 
@@ -113,8 +120,9 @@ def pi_rows(dims, token_counts, r, device, dtype, repeats):
             y = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
             ms = []
             for fn in (pi_apply_direct, pi_apply_fft):
-                def step():
-                    out = fn(a, b, 1.0, y)
+                def step(fn=fn, a=a, b=b, y=y):
+                    with autocast_ctx(device, autocast):
+                        out = fn(a, b, 1.0, y)
                     out.float().pow(2).mean().backward()
                     a.grad = b.grad = None
 
@@ -144,6 +152,7 @@ def main():
     parser.add_argument("--skip-layer", action="store_true", help="only the selector table (part 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default 1: stable figures on a shared machine)")
+    parser.add_argument("--autocast", action="store_true", help="run the steps under bf16 autocast")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "D"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -154,12 +163,12 @@ def main():
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
 
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), tokens, args.r, device, dtype, repeats)))
+        print(json.dumps(one(args.one[0], int(args.one[1]), tokens, args.r, device, dtype, repeats, args.autocast)))
         return
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"# LoRMA benchmark: {name}, torch {torch.__version__}, {dtype}, r={args.r}, tokens={tokens}, "
-          f"best of {repeats}")
+          f"best of {repeats}{', bf16 autocast' if args.autocast else ''}")
     if not args.skip_layer:
         print("\n## forward+backward of one d×d layer (x requires grad, base frozen)")
         print(f"{'d':>6} {'method':<16} {'step ms':>9} {'peak MiB':>9}")
@@ -168,8 +177,8 @@ def main():
                 cmd = [sys.executable, __file__, "--one", method, str(d), "--device", args.device,
                        "--dtype", str(dtype).removeprefix("torch."), "--tokens", str(tokens), "--r", str(args.r),
                        "--repeats", str(repeats),
-                       "--threads", str(torch.get_num_threads())]
-                res = subprocess.run(cmd, capture_output=True, text=True)
+                       "--threads", str(torch.get_num_threads())] + (["--autocast"] if args.autocast else [])
+                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if res.returncode != 0:
                     print(f"{d:>6} {method:<16} failed: {res.stderr.strip().splitlines()[-1:]}")
                     continue
@@ -178,7 +187,7 @@ def main():
 
     print(f"\n## selector table: T·y forward+backward, {dtype} input (fft computes in fp32)")
     counts = sorted({max(tokens // 8, 1), tokens})
-    rows = pi_rows(args.dims, counts, args.r, device, dtype, repeats)
+    rows = pi_rows(args.dims, counts, args.r, device, dtype, repeats, args.autocast)
     print(f'\nMEASURED["{device.type}"] = [')
     for row in rows:
         print(f"    {row},")

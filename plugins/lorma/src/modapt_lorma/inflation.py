@@ -25,14 +25,37 @@ def rotate_rows(m: torch.Tensor) -> torch.Tensor:
     """``Iπ(m)`` for a square ``m`` [d, d]: row i rotated right by i. Differentiable, no index tensor.
 
     With ``C = [m, m]`` ([d, 2d], contiguous), ``Iπ(m)[i, j] = C[i, d − i + j]``, which is
-    element ``d + i·(2d − 1) + j`` of C flattened: a slice and a view, so neither the forward
-    nor the backward needs a d×d index tensor.
+    element ``d + i·(2d − 1) + j`` of C flattened: a strided view of C. The backward is the
+    inverse rotation (row i left by i), ``[g, g]`` read with row stride 2d + 1: one d×d copy,
+    where autograd's own backward of the view would zero-fill and copy [d, 2d] twice.
     """
     d = m.shape[-1]
     if m.shape != (d, d):
         raise ValueError(f"Iπ needs a square matrix, got {tuple(m.shape)}")
-    doubled = torch.cat([m, m], dim=1).reshape(-1)
-    return doubled[d:].view(d, 2 * d - 1)[:, :d]
+    return _RotateRows.apply(m)
+
+
+def _rotate(m: torch.Tensor, sign: int) -> torch.Tensor:
+    """Row i rotated by i, right (sign = +1, Iπ) or left (sign = −1, its inverse): a strided view."""
+    d = m.shape[-1]
+    doubled = torch.cat([m, m], dim=1)
+    if sign > 0:
+        return doubled.as_strided((d, d), (2 * d - 1, 1), doubled.storage_offset() + d)
+    return doubled.as_strided((d, d), (2 * d + 1, 1), doubled.storage_offset())
+
+
+class _RotateRows(torch.autograd.Function):
+    @staticmethod
+    def forward(m):
+        return _rotate(m, +1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _rotate(grad, -1)
 
 
 def pi_matrix(lorma_a: torch.Tensor, lorma_b: torch.Tensor, scaling: float) -> torch.Tensor:
