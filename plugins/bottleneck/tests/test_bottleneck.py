@@ -1,10 +1,9 @@
 """Bottleneck adapters: identity at init, each placement changes only its sub-blocks, exact detach."""
 
-import pytest
-import torch
-
 import modapt
 import modapt_bottleneck.plugin
+import pytest
+import torch
 from modapt.testing import tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
 from modapt.testing.conformance import model_output
 from modapt_bottleneck.sites import sites_of

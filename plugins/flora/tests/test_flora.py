@@ -1,13 +1,12 @@
 """FLoRA against independent computations: explicit matrices, core LoRA, closed-form norms."""
 
-import pytest
-import torch
-from torch import nn
-
 import modapt
 import modapt.lora
 import modapt_flora.plugin
+import pytest
+import torch
 from modapt.testing import tiny_inputs, tiny_llama
+from torch import nn
 
 
 @pytest.fixture

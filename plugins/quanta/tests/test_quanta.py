@@ -3,15 +3,14 @@
 import itertools
 import math
 
-import pytest
-import torch
-from torch import nn
-
 import modapt
 import modapt_quanta.plugin
+import pytest
+import torch
 from modapt.testing import tiny_gpt2, tiny_inputs, tiny_llama
 from modapt_quanta import factorize, plan_circuit
 from modapt_quanta.circuit import split_gates
+from torch import nn
 
 
 @pytest.fixture

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+import modapt
 import pydantic
 from torch import nn
-
-import modapt
 
 from .adapter import ACTIVATIONS, BottleneckAdapter
 from .sites import Site, sites_of
@@ -45,11 +44,12 @@ class BottleneckOptions(modapt.Options):
 def hidden_size(model: nn.Module) -> int:
     size = getattr(getattr(model, "config", None), "hidden_size", None)
     if not isinstance(size, int):
-        raise ValueError(f"cannot read the hidden size of {type(model).__name__} (no config.hidden_size)")
+        # ValueError, not TypeError: the core turns it into a RecipeError naming the entry
+        raise ValueError(f"cannot read the hidden size of {type(model).__name__} (no config.hidden_size)")  # noqa: TRY004
     return size
 
 
-def build(block: nn.Module, options: BottleneckOptions, model: nn.Module) -> "BottleneckAttachment":
+def build(block: nn.Module, options: BottleneckOptions, model: nn.Module) -> BottleneckAttachment:
     """Put bottleneck adapters into a transformer ``block`` in place; the adapted block equals the base at init."""
     sites = sites_of(block)
     d = hidden_size(model)

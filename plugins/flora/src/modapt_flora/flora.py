@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import math
 
+import modapt
 import pydantic
 import torch
-from torch import nn
-
-import modapt
 from modapt import layers
+from torch import nn
 
 
 class FloraOptions(modapt.Options):

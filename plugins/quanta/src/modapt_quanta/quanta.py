@@ -19,12 +19,11 @@ from __future__ import annotations
 import math
 from typing import Annotated
 
+import modapt
 import pydantic
 import torch
-from torch import nn
-
-import modapt
 from modapt import layers
+from torch import nn
 
 from .circuit import apply_circuit, circuit_matrix, init_gates, plan_circuit
 from .factorization import factorize
