@@ -149,11 +149,12 @@ class RankAllocator:
         device = next(iter(scores.values())).device
         pruned_count = self.init_budget - budget
         if pruned_count > 0:
-            threshold = torch.kthvalue(torch.cat([s.to(device) for s in scores.values()]), k=pruned_count)[0].item()
+            # a 0-dim tensor, not .item(): the comparison below is the same, without a device sync
+            threshold = torch.kthvalue(torch.cat([s.to(device) for s in scores.values()]), k=pruned_count)[0]
         else:  # nothing to prune (kthvalue has no 0-th value)
-            threshold = -float("inf")
+            threshold = torch.tensor(-float("inf"), device=device)
         for path, host in self.hosts.items():
-            pruned = scores[path] <= threshold
+            pruned = scores[path] <= threshold.to(scores[path].device)
             host.lora_E.masked_fill_(pruned.view(-1, 1), 0.0)
             host.rank_pattern.copy_(~pruned)
         self.budget = budget

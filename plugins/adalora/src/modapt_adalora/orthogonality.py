@@ -4,6 +4,11 @@ PEFT 0.21 averages the norms over every ``lora_A`` and ``lora_B`` it finds (two 
 and adds ``orth_reg_weight`` times that mean to the model's loss inside ``forward``; modapt
 returns the same term from the ``modapt_regularization_loss`` hook, so the training loop adds
 it (``loss + modapt.regularization_loss(model)``). Masked triplets count too, as in PEFT.
+
+Both terms are ‖M Mᵀ - I_r‖_F with M = Q [r, in] or M = Pᵀ [r, out]. Matrices of one shape
+are stacked and handled by one batched matmul and one batched norm, instead of a handful of
+small kernels per layer (hundreds of layers make that launch-bound on a GPU); the stack's
+copy is the size of the adapter, about 1% of the model.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ from torch import nn
 
 def orthogonality(hosts: Iterable[nn.Module]) -> torch.Tensor:
     """Mean over the layers' Q [r, in] and P [out, r] of ‖QQᵀ - I_r‖_F and ‖PᵀP - I_r‖_F (a 0-dim tensor)."""
-    norms = []
-    device = None
+    groups: dict[tuple, list[torch.Tensor]] = {}
     for host in hosts:
-        q, p = host.lora_A, host.lora_B
-        device = device or q.device
-        eye = torch.eye(q.shape[0], dtype=q.dtype, device=q.device)
-        norms.append(torch.linalg.matrix_norm(q @ q.t() - eye).to(device))
-        norms.append(torch.linalg.matrix_norm(p.t() @ p - eye).to(device))
-    return torch.stack(norms).mean()
+        for m in (host.lora_A, host.lora_B.t()):  # both [r, d]
+            groups.setdefault((tuple(m.shape), m.device, m.dtype), []).append(m)
+    norms = []
+    for (shape, device, dtype), mats in groups.items():
+        stacked = torch.stack(mats)                                        # [L, r, d]
+        gram = stacked @ stacked.transpose(1, 2)                           # [L, r, r]
+        eye = torch.eye(shape[0], dtype=dtype, device=device)
+        norms.append(torch.linalg.matrix_norm(gram - eye))                 # [L] Frobenius norms
+    device = norms[0].device
+    return torch.cat([n.to(device) for n in norms]).mean()
