@@ -1,11 +1,10 @@
 """The bottleneck adapter is part of the exported graph (capability ``exportable``): ONNX Runtime
 on the exported model matches PyTorch with non-zero adapters. Slow (an export takes seconds)."""
 
-import pytest
-import torch
-
 import modapt
 import modapt_bottleneck.plugin
+import pytest
+import torch
 from modapt.testing import tiny_bert, tiny_inputs
 
 

@@ -174,3 +174,23 @@ def test_trains_on_a_tiny_llama_and_saves_theta0(registry, tmp_path):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+
+
+def test_map_over_quanta_merges_when_map_is_installed(registry):
+    """QuanTA has no cheap norm (frobenius_sq is None): MAP must still train and merge over it."""
+    map_plugin = pytest.importorskip("modapt_map.plugin")
+    registry.register_plugin(map_plugin, name="map", distribution="modapt-map")
+    model = modapt.apply(_layer(16, 16), {"adapter": [{"method": "map", "targets": ["0"],
+                                                       "update": {"method": "quanta", "dims": [4, 2, 2]}}]},
+                         registry=registry)
+    assert model[0].update.frobenius_sq(model[0].base_layer.weight) is None
+    with torch.no_grad():
+        for p in modapt.trainable_parameters(model).values():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(3, 16)
+    model(x).pow(2).sum().backward()
+    assert model[0].quanta_theta.grad.abs().sum() > 0
+    with torch.no_grad():
+        expected = model(x)
+        modapt.merge(model)
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
