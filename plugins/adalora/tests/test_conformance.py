@@ -1,5 +1,7 @@
 """AdaLoRA passes the conformance suite on tiny LLaMA, GPT-2 (Conv1D) and BERT."""
 
+from typing import ClassVar
+
 import modapt_adalora.plugin
 from modapt.testing.conformance import MethodConformance
 
@@ -7,8 +9,8 @@ SCHEDULE = {"init_r": 6, "target_r": 2, "total_step": 20, "tinit": 2, "tfinal": 
 
 
 class TestAdaLoraConformance(MethodConformance):
-    plugins = {"adalora": modapt_adalora.plugin}
-    recipes = {
+    plugins: ClassVar[dict] = {"adalora": modapt_adalora.plugin}
+    recipes: ClassVar[dict] = {
         "llama": {"adapter": [{"method": "adalora", "targets": ["q_proj", "v_proj", "down_proj"], "dropout": 0.1,
                                **SCHEDULE}]},
         "gpt2": {"adapter": [{"method": "adalora", "targets": ["c_attn", "c_proj"], "lora_alpha": 16.0, **SCHEDULE}]},
