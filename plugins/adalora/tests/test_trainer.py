@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-
 import modapt
 import modapt_adalora
+import pytest
+import torch
 from modapt.testing import tiny_inputs, tiny_llama
 
 
