@@ -115,6 +115,8 @@ def test_rotate_rows_matches_loop_and_inflates_rank():
     ones_first = torch.zeros(5, 5)
     ones_first[:, 0] = 1.0  # rank 1; rotated it is I (paper Fig. 3)
     assert torch.equal(rotate_rows(ones_first), torch.eye(5))
+    grad_input = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(rotate_rows, (grad_input,))  # the custom backward (inverse rotation)
     rank_one = torch.outer(torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64))
     assert torch.linalg.matrix_rank(rotate_rows(rank_one)) > 8
 

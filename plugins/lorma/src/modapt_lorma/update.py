@@ -85,9 +85,9 @@ class Lorma(Update):
             y = y.to(a.dtype)
         inflation = self.options.inflation
         if inflation == "plus":
-            return (y @ a.t()) @ b.t() * self.scaling
+            return ((y @ a.t()) * self.scaling) @ b.t()  # scale the [N, r] side, not [N, d]
         if inflation == "none":
-            return (y @ a.t()) @ b.t() * self.scaling - y
+            return ((y @ a.t()) * self.scaling) @ b.t() - y
         if self.path_for(y) == "fft":
             _warn_upcast(y.dtype)
             return pi_apply_fft(a, b, self.scaling, y) - y.float()
