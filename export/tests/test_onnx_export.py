@@ -285,3 +285,29 @@ def test_cli_exports_base_plus_adapter(registry, tmp_path, capsys):
         want = adapted(**feeds).last_hidden_state.numpy()
     real = feeds["attention_mask"].bool().numpy()
     np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+
+
+def test_merged_reparam_dora_has_base_node_count(llama_lm, tmp_path):
+    """The reparam family (DoRA: magnitude × normalised direction) folds into plain weights too."""
+    dora = pytest.importorskip("modapt_dora.plugin")
+    reg = modapt.Registry(autoload=False)
+    reg.register_plugin(modapt.lora, "lora", "modapt")
+    reg.register_plugin(dora, "dora", "modapt-dora")
+    with modapt.use_registry(reg):
+        recipe = {"adapter": [{"method": "dora", "targets": ["q_proj", "v_proj", "down_proj"],
+                               "update": {"method": "lora", "r": 4}}]}
+        model = modapt.apply(tiny_llama("causal-lm", seed=0), recipe)
+        gen = torch.Generator().manual_seed(9)
+        with torch.no_grad():
+            for p in modapt.trainable_parameters(model).values():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.2)
+        manifest = onnx_export.export_onnx(model, tmp_path / "dora", "causal-lm", registry=reg)
+    assert manifest["verification"]["max_abs_error"] <= 1e-4
+    assert manifest["nodes"] == llama_lm[2]["nodes"]
+    ids = tiny_inputs(batch=1, seq=6, padded=False)["input_ids"]
+    feeds = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(6)[None],
+             **{f"past_key_values.{i}.{kv}": torch.zeros(1, 2, 0, 16) for i in range(2) for kv in ("key", "value")}}
+    got = OrtModel(tmp_path / "dora").run_torch(feeds)["logits"]
+    with torch.no_grad():
+        plain = llama_lm[0](input_ids=ids).logits
+    assert (got - plain).abs().max() > 1e-2

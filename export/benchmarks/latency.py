@@ -1,0 +1,218 @@
+"""ONNX Runtime latency of base vs merged-LoRA vs LMAM graphs, and PyTorch eager, on the same inputs.
+
+A random LLaMA-shaped causal LM (``--size tiny`` or ``smollm2-135m``: hidden 576, 30 layers,
+9 heads, 3 KV heads, intermediate 1536, vocab 49152) is exported with ``modapt_export.export_onnx``
+(causal-lm task, self-verified) as:
+
+- ``base``: the model as built;
+- ``merged``: LoRA r=16 on every linear layer, B randomised, folded into the weights by the export;
+- ``lmam``: LMAM on every attention module (when ``modapt_lmam`` is installed).
+
+Each graph is timed on a prefill of ``batch × seq`` tokens (empty past) with whatever provider
+ONNX Runtime offers: on CUDA with IO binding (inputs and outputs stay on the GPU) in fp16, on
+CPU in fp32. PyTorch eager runs the base model on the same inputs (same wrapper, same outputs).
+
+    python export/benchmarks/latency.py --size tiny
+    python export/benchmarks/latency.py --size smollm2-135m --shapes 1x64 8x512 --repeats 50
+
+Prints a markdown table; ``--json FILE`` writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import modapt
+from modapt_export import OrtModel, export_onnx
+from modapt_export.onnx_io import CausalLMWithCache, cache_geometry
+
+SIZES = {
+    "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2),
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3),
+}
+
+
+def build_model(size: str, device, dtype, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**SIZES[size], max_position_embeddings=2048, pad_token_id=0, tie_word_embeddings=True,
+                         attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def adapt(model, variant: str, seed: int = 1):
+    """Apply the variant's adapter and give every trainable tensor noise (so nothing is an identity)."""
+    if variant == "base":
+        return model
+    if variant == "merged":
+        recipe = {"adapter": [{"method": "lora", "targets": "all-linear", "r": 16}]}
+    else:
+        recipe = {"adapter": [{"method": "lmam", "r": 2, "n": 128, "init": "random"}]}
+    modapt.apply(model, recipe)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in modapt.trainable_parameters(model).values():
+            p.add_((torch.randn(p.shape, generator=gen) * 0.02).to(p.device, p.dtype))
+    return model
+
+
+def inputs(config, batch: int, seq: int, device, dtype) -> dict[str, torch.Tensor]:
+    geo = cache_geometry(config)
+    gen = torch.Generator().manual_seed(batch * 1000 + seq)
+    feeds = {"input_ids": torch.randint(1, config.vocab_size, (batch, seq), generator=gen),
+             "attention_mask": torch.ones(batch, seq, dtype=torch.long),
+             "position_ids": torch.arange(seq).expand(batch, seq).contiguous()}
+    for i in range(geo.num_layers):
+        for kv in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kv}"] = torch.zeros(batch, geo.kv_heads, 0, geo.head_dim, dtype=dtype)
+    return {k: v.to(device) for k, v in feeds.items()}
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, warmup: int, repeats: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))], "min_ms": times[0]}
+
+
+def time_torch(model, feeds, device, warmup, repeats) -> dict:
+    wrapper = CausalLMWithCache(model).eval()
+    args = tuple(feeds.values())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def run():
+        with torch.no_grad():
+            wrapper(*args)
+
+    out = timed(run, device, warmup, repeats)
+    if device.type == "cuda":
+        out["max_memory_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def time_ort(ort: OrtModel, feeds, device, warmup, repeats) -> dict:
+    if ort.on_cuda:
+        # IO binding: inputs bound where they live (GPU), outputs allocated by ORT on the GPU
+        cuda_feeds = {k: v.to("cuda") for k, v in feeds.items()}
+        io = ort.bind(cuda_feeds)  # bound once; each run writes fresh outputs on the GPU
+
+        def run():
+            ort.run_binding(io)
+    else:
+        host = {k: v.cpu().numpy() for k, v in feeds.items()}
+
+        def run():
+            ort.session.run(None, host)
+
+    return timed(run, device, warmup, repeats)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--shapes", nargs="+", default=["1x64", "8x512"], help="BATCHxSEQ prefill shapes")
+    parser.add_argument("--variants", nargs="+", default=["base", "merged", "lmam"], choices=["base", "merged", "lmam"])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where PyTorch runs and the export is traced (auto: cuda when available)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16"], default="auto",
+                        help="auto: float16 on CUDA, float32 on CPU")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--workdir", default=None, help="where the exports go (default: a temporary directory)")
+    parser.add_argument("--tolerance", type=float, default=None,
+                        help="verification tolerance of the exports (default by dtype: fp32 1e-4, fp16 2e-2)")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    variants = list(args.variants)
+    if "lmam" in variants:
+        try:
+            import modapt_lmam.plugin
+        except ImportError:
+            print("modapt_lmam not installed: skipping the lmam variant")
+            variants.remove("lmam")
+        else:
+            registry = modapt.default_registry()
+            if "lmam" not in registry.methods:  # importable but not installed (PYTHONPATH)
+                registry.register_plugin(modapt_lmam.plugin, "lmam", "modapt-lmam")
+
+    import onnxruntime
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="modapt-latency-"))
+    rows, meta = [], {"size": args.size, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                      "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                      "ort_providers": onnxruntime.get_available_providers(), "cpu": platform.processor() or platform.machine(),
+                      "threads": torch.get_num_threads(), "exports": {}}
+    if device.type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+    for variant in variants:
+        model = adapt(build_model(args.size, device, dtype), variant)
+        out = workdir / f"{args.size}-{variant}-{meta['dtype']}"
+        start = time.perf_counter()
+        manifest = export_onnx(model, out, "causal-lm", overwrite=True, tolerance=args.tolerance)
+        meta["exports"][variant] = {"seconds": round(time.perf_counter() - start, 1), "nodes": manifest["nodes"],
+                                    "max_abs_error": manifest["verification"]["max_abs_error"],
+                                    "verified_on": manifest["verification"]["provider"]}
+        print(f"exported {variant}: {manifest['nodes']} nodes, {meta['exports'][variant]['seconds']} s, "
+              f"max abs error {manifest['verification']['max_abs_error']:.3g} on {manifest['verification']['provider']}",
+              flush=True)
+        ort = OrtModel(out)
+        for batch, seq in shapes:
+            feeds = inputs(model.config, batch, seq, device, dtype)
+            if variant == "base":
+                t = time_torch(model, feeds, device, args.warmup, args.repeats)
+                rows.append({"graph": "torch eager (base)", "provider": str(device), "batch": batch, "seq": seq, **t})
+                print(rows[-1], flush=True)
+            t = time_ort(ort, feeds, device, args.warmup, args.repeats)
+            rows.append({"graph": f"ORT {variant}", "provider": ort.provider + (" + IO binding" if ort.on_cuda else ""),
+                         "batch": batch, "seq": seq, **t})
+            print(rows[-1], flush=True)
+        del ort, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    print(f"\n{args.size}, {meta['dtype']}, {meta.get('gpu', meta['cpu'])}, torch {meta['torch']}, "
+          f"onnxruntime {meta['onnxruntime']}, median of {args.repeats} ({args.warmup} warm-up)\n")
+    print("| graph | provider | batch × seq | median ms | p90 ms |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['graph']} | {r['provider']} | {r['batch']} × {r['seq']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |")
+    print("\n| export | nodes | seconds | max abs error (verification) |")
+    print("|---|---|---|---|")
+    for v, e in meta["exports"].items():
+        print(f"| {v} | {e['nodes']} | {e['seconds']} | {e['max_abs_error']:.3g} ({e['verified_on']}) |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
