@@ -16,9 +16,19 @@ from __future__ import annotations
 import functools
 import math
 
-# Measured with benchmarks/bench_lorma.py (forward + backward of one d×d layer, fp32 on CPU).
+# Measured with benchmarks/bench_lorma.py (T·y forward + backward, fp32): CPU = the 2-core dev
+# machine, one thread, shared with other jobs (load ≈ 12), so the figures are noisy; 2026-11-23.
 MEASURED: dict[str, list[tuple[int, int, int, float, float]]] = {
-    "cpu": [],
+    "cpu": [
+        (512, 8, 32, 3.518, 2.035),
+        (512, 8, 256, 10.959, 44.308),
+        (1024, 8, 32, 28.743, 2.678),
+        (1024, 8, 256, 46.122, 61.263),
+        (2048, 8, 32, 101.261, 14.578),
+        (2048, 8, 256, 347.741, 148.158),
+        (4096, 8, 32, 1284.832, 23.616),
+        (4096, 8, 256, 1739.329, 779.82),
+    ],
     # GPU slot: the lead fills these rows from `python plugins/lorma/benchmarks/bench_lorma.py --device cuda`
     "cuda": [],
 }
