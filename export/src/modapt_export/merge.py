@@ -213,7 +213,14 @@ def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Re
 def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool) -> torch.Tensor:
     """W* of one layer, laid out and typed as the checkpoint stores its weight."""
     host = build_host(plan, get, registry)
-    stored = layers.to_storage(host.base_layer, host.merged_weight()).contiguous()
+    try:
+        stored = layers.to_storage(host.base_layer, host.merged_weight()).contiguous()
+    finally:
+        # the host and its update point at each other: left to the cycle collector, several
+        # layers' base weights would stay alive at once; drop them now
+        for name in list(host.base_layer._parameters):
+            host.base_layer._parameters[name] = None
+        host.update = host.reparam = None
     if safe and stored.is_floating_point() and not torch.isfinite(stored).all():
         raise MergeError(f"merging '{plan.path}' gives NaN or Inf (fp16/bf16 overflow or a diverged adapter); "
                          "nothing was written")
