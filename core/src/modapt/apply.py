@@ -143,18 +143,27 @@ def _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtyp
             host = AdaptedLayer(module)
             update_spec = spec if method.family == "update" else spec.update
             update_method = registry.method(update_spec.method)
-            update = update_method.build(host, update_spec.options)
-            update.method_name = update_spec.method
-            if method.family == "reparam":
-                reparam = method.build(host, spec.options, update)
-                reparam.method_name = spec.method
-            else:
-                reparam = Additive(host, None, update)
-                reparam.method_name = "additive"
-            host.update, host.reparam = update, reparam
-            _place(host, [p for n, p in host.named_parameters() if not n.startswith("base_layer.")],
-                   [b for n, b in host.named_buffers() if not n.startswith("base_layer.")],
-                   module.weight, autocast_adapter_dtype)
+
+            def place_new() -> None:
+                _place(host, [p for n, p in host.named_parameters() if not n.startswith("base_layer.")],
+                       [b for n, b in host.named_buffers() if not n.startswith("base_layer.")],
+                       module.weight, autocast_adapter_dtype)
+
+            # built on the base's device (a 1B model on the GPU need not round-trip its adapters
+            # through the CPU), and the update is placed before a reparam reads it: DoRA's
+            # magnitude init multiplies the update's factors with W0
+            with torch.device(module.weight.device):
+                update = update_method.build(host, update_spec.options)
+                update.method_name = update_spec.method
+                place_new()
+                if method.family == "reparam":
+                    reparam = method.build(host, spec.options, update)
+                    reparam.method_name = spec.method
+                else:
+                    reparam = Additive(host, None, update)
+                    reparam.method_name = "additive"
+                host.update, host.reparam = update, reparam
+                place_new()
             host.train(module.training)  # new submodules (dropout) follow the layer's mode
             _set_submodule(model, path, host)
             state.layers[path] = host
