@@ -258,6 +258,25 @@ def test_ort_model_checks_input_names(llama_lm):
         ort.run({"input_ids": np.ones((1, 2), np.int64), "attention_mask": np.ones((1, 2), np.int64)})
 
 
+def test_io_binding_path_matches_host_path(llama_lm):
+    """The binding path (what CUDA uses) on CPU tensors, including an empty past and an int32
+    input that must be converted, gives the host path's outputs; DLPack hands them to torch."""
+    from modapt_export.ort_model import _ortvalue_to_torch
+
+    ort = OrtModel(llama_lm[1])
+    ids = tiny_inputs(batch=2, seq=5, padded=False)["input_ids"]
+    feeds = {"input_ids": ids.to(torch.int32), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "position_ids": torch.arange(5).expand(2, 5),
+             **{f"past_key_values.{i}.{kv}": torch.zeros(2, 2, 0, 16) for i in range(2) for kv in ("key", "value")}}
+    io = ort.bind(feeds)
+    ort.run_binding(io)
+    bound = {n: _ortvalue_to_torch(v) for n, v in zip(ort.output_names, io.get_outputs())}
+    host = ort.run(feeds)
+    assert set(bound) == set(host)
+    for name, value in host.items():
+        np.testing.assert_array_equal(bound[name].numpy(), value)
+
+
 # --- the command line ---------------------------------------------------------------------------
 
 def test_cli_exports_base_plus_adapter(registry, tmp_path, capsys):

@@ -159,4 +159,5 @@ def _ortvalue_to_torch(value) -> torch.Tensor:
     try:
         return torch.from_dlpack(value._ortvalue.to_dlpack())
     except Exception:  # noqa: BLE001 - older builds lack to_dlpack; copying is correct, only slower
-        return torch.from_numpy(value.numpy()).to("cuda")
+        device = "cuda" if value.device_name().lower() == "cuda" else "cpu"
+        return torch.from_numpy(value.numpy()).to(device)
