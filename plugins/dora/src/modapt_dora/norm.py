@@ -14,7 +14,8 @@ nothing for the backward.
 Precision: the three terms are summed, so the absolute error is about
 ``eps · (‖W0‖² + 2|cross| + ‖ΔW‖²)`` and the relative error of the norm about
 ``eps/2 · (‖W0‖² + 2|cross| + ‖ΔW‖²) / ‖W0 + ΔW‖²``; it only grows where ΔW nearly cancels a
-row of W0 (README, "Precision", has the measured figures).
+row of W0, and the few rows where it does most are recomputed directly (README, "Precision",
+has the measured figures).
 """
 
 from __future__ import annotations
@@ -76,16 +77,31 @@ def split_product_available(device_type: str) -> bool | None:
     return _MM_OUT_DTYPE.get(device_type)
 
 
+#: rows per layer whose norm is recomputed directly (those where ΔW cancels most of W0)
+REFINED_ROWS = 32
+
+
 @torch.no_grad()
-def factored_row_norm(w0: torch.Tensor, w0_sq: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+def factored_row_norm(w0: torch.Tensor, w0_sq: torch.Tensor, left: torch.Tensor, right: torch.Tensor,
+                      refined_rows: int = REFINED_ROWS) -> torch.Tensor:
     """‖W0 + L R‖_row, [out] float32, never building an out×in matrix.
 
     w0: W0 [out, in]; w0_sq: ‖W0‖²_row [out] float32 (cached); left: L [out, k]; right: R [k, in].
+
+    The expanded sum loses accuracy where ΔW cancels a row of W0 (‖W0 + ΔW‖² ≪ ‖W0‖²). The
+    ``refined_rows`` rows with the smallest ‖W0 + ΔW‖²/‖W0‖² are therefore recomputed directly
+    from their rows of W0 (refined_rows × in × k work, chosen with ``topk``: no host sync).
     """
     left, right = left.float(), right.float()
     cross = (rows_times(w0, right) * left).sum(dim=1)  # rowdot(W0, L R)
     delta_sq = ((left @ (right @ right.t())) * left).sum(dim=1)  # ‖L R‖²_row
-    return (w0_sq + 2.0 * cross + delta_sq).clamp_min(0.0).sqrt()
+    norm_sq = (w0_sq + 2.0 * cross + delta_sq).clamp_min(0.0)
+    count = min(refined_rows, norm_sq.shape[0])
+    if count > 0:
+        worst = torch.topk(norm_sq / w0_sq.clamp_min(torch.finfo(torch.float32).tiny), count, largest=False).indices
+        rows = w0.index_select(0, worst).float() + left.index_select(0, worst) @ right
+        norm_sq = norm_sq.index_copy(0, worst, rows.square().sum(dim=1))
+    return norm_sq.sqrt()
 
 
 class BaseRowNormCache:
