@@ -25,9 +25,15 @@ class MapOutput(torch.autograd.Function):
     def forward(ctx, x, u, a, b, base_out, base_layer):
         bias = getattr(base_layer, "bias", None)
         w0_x = base_out if bias is None else base_out - bias
-        # base_out + (a − 1)·W0x rather than a·W0x + bias: a = 1, β = 0 is the base bit for bit
-        y = base_out + (a - 1).to(base_out.dtype) * w0_x + (b * u).to(base_out.dtype)
-        u_low = u.to(base_out.dtype)
+        dtype = base_out.dtype
+        # base_out + (a − 1)·W0x rather than a·W0x + bias: a = 1, β = 0 is the base bit for bit;
+        # fused multiply-adds, one pass over [..., out] each
+        y = torch.addcmul(base_out, w0_x, (a - 1).to(dtype))
+        if u.dtype == dtype:
+            y.addcmul_(u, b.to(dtype))
+        else:  # a float32 update on a bf16 base: scale in float32, then round once
+            y.add_((b * u).to(dtype))
+        u_low = u.to(dtype)
         ctx.save_for_backward(x, u_low, a, b)
         ctx.base_layer = base_layer
         ctx.u_dtype = u.dtype
@@ -43,18 +49,25 @@ class MapOutput(torch.autograd.Function):
         if layers.layer_kind(base) == "embedding":
             if ctx.needs_input_grad[2]:
                 w0_x = layers.embed(base, x, w0.t().to(g.dtype))  # a lookup, recomputed: cheap
-                grad_a = (g * w0_x).sum(dtype=acc)
+                grad_a = inner(g, w0_x, acc)
         elif ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
             g_w0 = g @ w0.to(g.dtype)  # [..., in]: the base path's input gradient, before the factor a
             if ctx.needs_input_grad[2]:
-                grad_a = (g_w0 * x.to(g_w0.dtype)).sum(dtype=acc)
+                grad_a = inner(g_w0, x.to(g_w0.dtype), acc)
             if ctx.needs_input_grad[0]:
                 grad_x = g_w0.mul_(a.to(g_w0.dtype)).to(x.dtype)
         grad_u = (g * b.to(g.dtype)).to(ctx.u_dtype) if ctx.needs_input_grad[1] else None
-        grad_b = (g * u_low).sum(dtype=acc) if ctx.needs_input_grad[3] else None
+        grad_b = inner(g, u_low, acc) if ctx.needs_input_grad[3] else None
         return (grad_x, grad_u,
                 None if grad_a is None else grad_a.to(a.dtype),
                 None if grad_b is None else grad_b.to(b.dtype), None, None)
+
+
+def inner(p: torch.Tensor, q: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """⟨p, q⟩ (0-dim, dtype ``acc``): a dot product without a temporary when no cast is needed."""
+    if p.dtype == acc and q.dtype == acc:
+        return torch.dot(p.reshape(-1), q.reshape(-1))
+    return (p * q).sum(dtype=acc)
 
 
 def map_output(x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base_out: torch.Tensor,
