@@ -60,6 +60,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor (an FSDP2 shard; a collective: every rank must call it), else itself."""
+    if hasattr(tensor, "full_tensor") and hasattr(tensor, "placements"):
+        return tensor.full_tensor()
+    return tensor
+
+
 def base_weight_getter(model: nn.Module):
     """``get(key)`` for the fingerprint: the base tensor as the unadapted model stores it."""
     state = model.__dict__.get("modapt_state")
@@ -70,9 +77,9 @@ def base_weight_getter(model: nn.Module):
 
     def get(key: str) -> torch.Tensor:
         if key in by_key:
-            return by_key[key]
+            return full_tensor(by_key[key])
         try:
-            return model.get_parameter(key)
+            return full_tensor(model.get_parameter(key))
         except AttributeError:
             raise KeyError(key) from None
 
@@ -94,7 +101,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
         raise StateError("merge(unload=True) folded the weight adapters; there is no adapter left to save")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    tensors = {k: full_tensor(v).detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     blob = st_save(tensors, metadata={"format": "pt", "modapt_format_version": str(FORMAT_VERSION)})
     digest, per_tensor = fingerprint(state.base_keys.values(), base_weight_getter(model))
     dists = sorted({registry.method(m).distribution for m in state.recipe.methods()})
