@@ -20,6 +20,7 @@ from modapt import StateError
 from torch import nn
 
 from .options import AdaLoraOptions
+from .sharding import full, laid_out_like
 from .svd_update import AdaLora
 
 CACHE_ATTR = "modapt_adalora"
@@ -131,7 +132,7 @@ class RankAllocator:
     @torch.no_grad()
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """path -> the score of each of its ``init_r`` triplets, [init_r]."""
-        element = [s * u for s, u in zip(self.sensitivity, self.uncertainty)]
+        element = [full(s * u) for s, u in zip(self.sensitivity, self.uncertainty)]  # FSDP2: gathered
         out = {}
         for i, path in enumerate(self.hosts):
             q, lam, p = element[3 * i: 3 * i + 3]  # PARAM_KEYS order: lora_A (Q), lora_E (Λ), lora_B (P)
@@ -155,7 +156,7 @@ class RankAllocator:
             threshold = torch.tensor(-float("inf"), device=device)
         for path, host in self.hosts.items():
             pruned = scores[path] <= threshold.to(scores[path].device)
-            host.lora_E.masked_fill_(pruned.view(-1, 1), 0.0)
+            host.lora_E.masked_fill_(laid_out_like(pruned.view(-1, 1), host.lora_E), 0.0)
             host.rank_pattern.copy_(~pruned)
         self.budget = budget
 
@@ -163,7 +164,7 @@ class RankAllocator:
     def apply_rank_pattern(self) -> None:
         """Zero Λ where the fixed ``rank_pattern`` is False (the final phase, after each step)."""
         for host in self.hosts.values():
-            host.lora_E.masked_fill_(~host.rank_pattern.view(-1, 1), 0.0)
+            host.lora_E.masked_fill_(laid_out_like(~host.rank_pattern.view(-1, 1), host.lora_E), 0.0)
 
 
 def adalora_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -18,12 +18,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .sharding import full
+
 
 def orthogonality(hosts: Iterable[nn.Module]) -> torch.Tensor:
     """Mean over the layers' Q [r, in] and P [out, r] of ‖QQᵀ - I_r‖_F and ‖PᵀP - I_r‖_F (a 0-dim tensor)."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for host in hosts:
-        for m in (host.lora_A, host.lora_B.t()):  # both [r, d]
+        for m in (full(host.lora_A), full(host.lora_B).t()):  # both [r, d] (FSDP2: gathered)
             groups.setdefault((tuple(m.shape), m.device, m.dtype), []).append(m)
     norms = []
     for (shape, device, dtype), mats in groups.items():
