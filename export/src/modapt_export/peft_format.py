@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import modapt
-from modapt import AdapterLoadError, ModaptError
+from modapt import AdapterLoadError
 from modapt.registry import Registry, default_registry
 
 CONFIG_NAME = "adapter_config.json"
@@ -137,7 +137,7 @@ def read_peft_adapter(directory: str | os.PathLike, registry: Registry | None = 
     reparams = [(n, d) for n, d in _methods_with(registry, "reparam")
                 if d["peft_type"] == peft_type and d.get("config") and _selected(d, config)]
     reparam_name, reparam_decl = reparams[0] if reparams else (None, {})
-    claimed = set((reparam_decl.get("config") or {}))
+    claimed = set(reparam_decl.get("config") or {})
     for flag in UNSUPPORTED_FLAGS:
         if flag not in claimed and config.get(flag):
             hint = " (pip install modapt-dora)" if flag == "use_dora" else ""
@@ -380,7 +380,7 @@ def _peft_config(peft_type, selectors, per_layer, decls, state, kinds, model) ->
                               "fan_in_fan_out": kinds.most_common(1)[0][0] == "conv1d"}
     config.update(selectors)
     patterns_of = {}
-    for path, decl in decls.items():
+    for decl in decls.values():
         for own, pattern_field in (decl.get("patterns") or {}).items():
             patterns_of[decl["options"][own]] = pattern_field
     fields = sorted({f for values in per_layer.values() for f in values})
