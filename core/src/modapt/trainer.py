@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import text_data
+from . import distributed, text_data
 from .apply import apply, is_adapted, trainable_parameters
 from .persistence import save
 from .training import after_optimizer_step, before_optimizer_step, regularization_loss
@@ -40,6 +41,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     task: str = "sequence-classification"
     progress: bool = True
+    # under torchrun / accelerate launch (a process group from the env vars): DDP, each rank its
+    # equal share of the training data, rank 0 alone evaluates, logs and writes
+    distributed: bool = True
 
 
 @torch.no_grad()
@@ -95,12 +99,28 @@ class _Interrupt:
 
 def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text_data.Examples, out_dir,
           config: TrainConfig, *, log=print) -> dict:
-    """Adapt ``model`` with ``recipe`` (unless already adapted) and train it; returns a summary."""
+    """Adapt ``model`` with ``recipe`` (unless already adapted) and train it; returns a summary.
+
+    Launched by ``torchrun`` or ``accelerate launch`` (and ``config.distributed``), every rank
+    runs this: the model is wrapped in DDP (on ``cuda:LOCAL_RANK`` when there is CUDA), each rank
+    trains on its equal share of ``train_set`` (so ``batch_size`` is per rank), and rank 0 alone
+    evaluates, logs and saves; the summary is returned on every rank.
+    """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    sharded = config.distributed and distributed.init_from_env() and distributed.world_size() > 1
+    writer = distributed.rank() == 0 if sharded else True
+    if writer:
+        out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     if not is_adapted(model):
         apply(model, recipe)
+    forward = model
+    if sharded:
+        train_set = train_set.subset(distributed.rank_shard(len(train_set)))
+        if torch.cuda.is_available():
+            model.to(torch.device("cuda", torch.cuda.current_device()))
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+        log = log if writer else (lambda *a, **k: None)
     params = list(trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -109,7 +129,7 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     metrics_path = out_dir / "metrics.jsonl"
-    metrics = open(metrics_path, "w", encoding="utf-8")
+    metrics = open(metrics_path, "w", encoding="utf-8") if writer else open(os.devnull, "w")
     history: list[dict] = []
 
     def record(row: dict) -> None:
@@ -124,6 +144,8 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
 
     def evaluate_and_keep(step: int) -> dict:
         nonlocal best, best_step
+        if not writer:  # the other ranks go on and wait for rank 0 in the next gradient all-reduce
+            return {}
         result = evaluate(model, tokenizer, val_set, config)
         record({"event": "eval", "step": step, **{f"val_{k}": v for k, v in result.items()}})
         score = result[key] if key == "accuracy" else -result[key]
@@ -132,7 +154,7 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
             save(model, out_dir / "best")
         return result
 
-    bar = _progress(total, config.progress)
+    bar = _progress(total, config.progress and writer)
     model.train()
     step, epoch, start, interrupted, seen = 0, 0, time.perf_counter(), False, 0
     with _Interrupt() as interrupt:
@@ -140,7 +162,7 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
             for batch in text_data.batches(tokenizer, train_set, config.batch_size, config.max_length, shuffle=True,
                                            seed=config.seed + epoch, task=config.task):
                 batch = {k: v.to(_device(model)) for k, v in batch.items()}
-                out = model(**batch)
+                out = forward(**batch)
                 loss = out.loss + regularization_loss(model)
                 loss.backward()
                 before_optimizer_step(model, step)
@@ -158,7 +180,8 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
                 step += 1
                 if config.eval_every and step % config.eval_every == 0 and step < total:
                     result = evaluate_and_keep(step)
-                    bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in result.items()))
+                    if result:
+                        bar.write(f"step {step}: " + ", ".join(f"val {k} {v:.4f}" for k, v in result.items()))
                 if interrupt.requested:
                     interrupted = True
                     break
@@ -167,10 +190,13 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
             epoch += 1
     bar.close()
     final = evaluate_and_keep(step) if not interrupted else {}
-    save(model, out_dir / "last")
+    if writer:
+        save(model, out_dir / "last")
     record({"event": "end", "step": step, "interrupted": interrupted, "elapsed_s": time.perf_counter() - start})
     metrics.close()
-    plot = _plot(history, out_dir / "curves.png")
+    plot = _plot(history, out_dir / "curves.png") if writer else None
+    if sharded:
+        torch.distributed.barrier()  # the files are written before any rank returns
     summary = {"steps": step, "interrupted": interrupted, "final": final, "best_step": best_step,
                "best": best if key == "accuracy" else -best, "metrics": str(metrics_path), "plot": plot,
                "best_adapter": str(out_dir / "best") if best_step is not None else None,
