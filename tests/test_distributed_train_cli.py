@@ -1,4 +1,5 @@
-"""``modapt train`` under ``torchrun --nproc-per-node 2`` (gloo, CPU): DDP, data sharded by rank, rank 0 writes."""
+"""``modapt train`` under ``torchrun --nproc-per-node 2`` and ``accelerate launch --num_processes 2`` (gloo, CPU):
+DDP, data sharded by rank, rank 0 alone writes."""
 
 import csv
 import json
@@ -7,13 +8,34 @@ import random
 import subprocess
 import sys
 
+import pytest
 import torch
 from modapt.testing.models import tiny_model_dir
 
 RECIPE = 'modules_to_save = ["score"]\n\n[[adapter]]\nmethod = "lora"\nr = 4\ntargets = ["q_proj", "v_proj"]\n'
 
 
-def test_modapt_train_under_torchrun(tmp_path):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(name: str) -> list[str]:
+    if name == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    pytest.importorskip("accelerate")
+    # --multi_gpu is accelerate's name for "several processes, torch.distributed"; on a machine
+    # without CUDA it launches CPU processes and modapt picks gloo
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+            str(free_port()), "-m"]
+
+
+@pytest.mark.parametrize("launch", ["torchrun", pytest.param("accelerate", marks=pytest.mark.slow)])
+def test_modapt_train_under_a_launcher(tmp_path, launch):
     tiny_model_dir(tmp_path / "model")
     rng = random.Random(0)
     with open(tmp_path / "data.csv", "w", newline="") as f:
@@ -25,8 +47,7 @@ def test_modapt_train_under_torchrun(tmp_path):
             writer.writerow([" ".join(words + ["movie"]), "pos" if label else "neg"])
     (tmp_path / "recipe.toml").write_text(RECIPE)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "modapt.cli",
-           "train", "--recipe", str(tmp_path / "recipe.toml"), "--model", str(tmp_path / "model"), "--data",
+    cmd = [*launcher(launch), "modapt.cli", "train", "--recipe", str(tmp_path / "recipe.toml"), "--model", str(tmp_path / "model"), "--data",
            str(tmp_path / "data.csv"), "--label-column", "sentiment", "--out", str(out), "--steps", "4",
            "--eval-every", "2", "--batch-size", "4", "--lr", "0.01", "--no-progress"]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
