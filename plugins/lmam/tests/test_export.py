@@ -58,3 +58,26 @@ def test_export_llama_gqa(registry, tmp_path):
 ])
 def test_export_other_families(registry, tmp_path, family, impl, opts):
     export_and_compare(registry, tmp_path, family, impl, **opts)
+
+
+@pytest.mark.parametrize("family, align", [pytest.param("llama", "head", marks=pytest.mark.slow), ("bert", "tail")])
+def test_torch_export_does_not_specialise_on_n(registry, family, align):
+    """torch.export with a dynamic sequence and no deferred asserts: the graph holds no guard
+    on min(n, N) (a sample longer than n still serves shorter inputs, and vice versa)."""
+    factory, task = FAMILIES[family]
+    model = factory(task=task, attn_implementation="sdpa", use_cache=False)
+    model = modapt.apply(model, {"adapter": [{"method": "lmam", "n": 6, "heads": 2, "init": "random",
+                                               "align": align}]}, registry=registry)
+    registry.call("modapt_prepare_export", model=model, task=task)
+    sample = {"input_ids": torch.randint(3, 128, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=256)}
+    program = torch.export.export(model, (), sample, dynamic_shapes={k: dims for k in sample}, strict=False)
+    for b, s, padded in SHAPES:
+        ids = torch.randint(3, 128, (b, s))
+        mask = torch.ones_like(ids)
+        if padded:
+            mask[0, -2:] = 0
+        with torch.no_grad():
+            want = model(input_ids=ids, attention_mask=mask).logits
+            got = program.module()(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -124,7 +124,10 @@ def compare(registry, family, opts, *, seq=8, padding="right", impl="eager", **m
         modapt.remove(model)
         base = main_output(model(**batch))
     assert (reference - base).abs().max() > 1e-3, "the adapter changes nothing: the test would not see a bug"
-    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
+    # a left-padded query slot attends to no key at all; what the base gives there (eager: uniform,
+    # SDPA: its own convention) is not LMAM's business, so only real query positions are compared
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], reference[real], atol=1e-5, rtol=0)
 
 
 CASES = {

@@ -9,21 +9,50 @@ from transformers.modeling_utils import AttentionInterface
 
 import modapt
 from modapt.testing.models import tiny_llama
-from modapt_lmam.region import Region, region
+from modapt_lmam.term import block
 
 
-@pytest.mark.parametrize("args, expected", [
-    # n, q, L, align -> rows, cols, query_start, key_start, map_row, map_col
-    ((4, 8, 8, "head"), Region(4, 4, 0, 0, 0, 0)),       # n < N: [:n, :n]
-    ((12, 8, 8, "head"), Region(8, 8, 0, 0, 0, 0)),      # n > N: cropped to [:N, :N]
-    ((4, 1, 3, "head"), Region(1, 3, 0, 0, 2, 0)),       # cached step at slot 2 reads row 2
-    ((4, 1, 6, "head"), Region(0, 4, 0, 0, 4, 0)),       # slot 5 >= n: nothing
-    ((4, 8, 8, "tail"), Region(4, 4, 4, 4, 0, 0)),       # last n tokens
-    ((12, 8, 8, "tail"), Region(8, 8, 0, 0, 4, 4)),      # n > N: the map's last N rows/cols
-    ((4, 1, 9, "tail"), Region(1, 4, 0, 5, 3, 0)),       # cached step: the last row, last 4 keys
-])
-def test_region(args, expected):
-    assert region(*args) == expected
+def kept_pairs(n, q, length, align, causal=True):
+    """{(query index, key slot, map row, map col)} that the block keeps, without a mask."""
+    attn_s = torch.arange(n * n, dtype=torch.float32).reshape(1, n, n)
+    blk = block(attn_s, q, length, None, causal=causal, align=align)
+    # block rows are the first n queries (head) or the last n (tail)
+    first = 0 if align == "head" else q - n
+    out = set()
+    for i in range(n):
+        for j in range(n):
+            if blk.keep[0, 0, i, j] and 0 <= first + i < q:  # other rows are cut off by add_rows
+                value = int(blk.maps[0, i, j])
+                out.add((first + i, int(blk.col_slots[j]), value // n, value % n))
+    return out
+
+
+def expected_pairs(n, q, length, align, causal=True):
+    """The same set from the paper's placement, written per slot."""
+    offset = 0 if align == "head" else length - n
+    out = set()
+    for i in range(q):
+        slot = length - q + i
+        for key in range(length):
+            row, col = slot - offset, key - offset
+            if 0 <= row < n and 0 <= col < n and (not causal or key <= slot):
+                out.add((i, key, row, col))
+    return out
+
+
+SIZES = [
+    (4, 8, 8), (8, 8, 8), (12, 8, 8),   # n < N, n = N, n > N (crop)
+    (4, 1, 3), (4, 1, 4), (4, 1, 9),    # one cached decoding step, inside / at / past the map
+    (4, 3, 6), (6, 2, 5),               # a chunk after a cache
+]
+# encoders (causal = False) have no cache: only q = L
+CASES = [(*size, causal) for size in SIZES for causal in (True, False) if causal or size[1] == size[2]]
+
+
+@pytest.mark.parametrize("n, q, length, causal", CASES)
+@pytest.mark.parametrize("align", ["head", "tail"])
+def test_block_placement(n, q, length, causal, align):
+    assert kept_pairs(n, q, length, align, causal) == expected_pairs(n, q, length, align, causal)
 
 
 def fake_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

@@ -12,10 +12,13 @@ not (untargeted layers sharing the config) get the base implementation only.
 
 Masks: a function registered in ``AttentionInterface`` alone receives ``attention_mask=None``
 (causality and padding silently lost), so every name is registered in
-``AttentionMaskInterface`` too. For eager and SDPA bases it is ``eager_mask`` with both skips
-disabled: a float 4D mask [B, 1, q, L] on every call, never ``None`` for an unpadded batch
-(``sdpa_mask``'s data-dependent ``None`` would be baked into an exported graph). Flash bases
-keep ``flash_attention_mask`` (a 2D padding mask or ``None``) and LMAM applies causality itself.
+``AttentionMaskInterface`` too. Run eagerly, ``lmam+<base>`` builds exactly the mask the base
+would get (``sdpa_mask``, ``eager_mask``, ``flash_attention_mask``), so the base attention keeps
+its fast paths (SDPA's ``is_causal`` for unpadded batches: a 4D float mask costs SDPA on CPU
+30-60% at N = 2048) and its numerics; the LMAM term reads causality from the module when the
+mask is ``None`` or 2D. Under ``torch.export`` (and compile, jit tracing) eager and SDPA bases
+always get ``eager_mask`` with both skips disabled, a float mask [B, 1, q, L]: ``sdpa_mask``'s
+data-dependent ``None`` for an unpadded sample would be baked into the exported graph.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import torch
+
+from . import term
 from .attention_map import current_map
-from .region import region
-from .term import add_rows, add_to_weights, apply_block, block_weights, keep_mask, scores_bias
 
 PREFIX = "lmam+"
 SUPPORTED_BASES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
@@ -88,39 +92,45 @@ def _make_attention(base: str):
         if spec is None:
             return forward(module, query, key, value, attention_mask, **kwargs)
         q, length, heads = query.shape[2], key.shape[2], query.shape[1]
-        reg = region(spec.n, q, length, spec.align)
-        if isinstance(reg.rows, int) and reg.rows == 0:  # e.g. decoding past the first n tokens
-            return forward(module, query, key, value, attention_mask, **kwargs)
+        if spec.align == "head" and isinstance(length, int) and length - q >= spec.n:
+            return forward(module, query, key, value, attention_mask, **kwargs)  # decoding past the map
         attn_s = current_map(module, spec.scale)
         if spec.nonnegative is True:
             if attention_mask is None or attention_mask.dim() != 4:
                 raise RuntimeError("LMAM's nonnegative = true needs a 4D attention mask (eager or sdpa attention)")
-            biased = scores_bias(attention_mask, attn_s, reg, heads, q, length, query.dtype)
+            biased = term.scores_bias(attention_mask, attn_s, heads, q, length, spec.align)
             return forward(module, query, key, value, biased, **kwargs)
         output, weights = forward(module, query, key, value, attention_mask, **kwargs)
-        keep = keep_mask(attention_mask, reg, spec.causal, query.device)
-        block = block_weights(attn_s, reg, heads, keep, spec.nonnegative == "softmax")
-        output = add_rows(output, apply_block(block, value, reg), reg)
-        if weights is not None and weights.dim() == 4 and weights.shape[-1] == length:
-            weights = add_to_weights(weights, block, reg)
+        blk = term.block(attn_s, q, length, attention_mask, causal=spec.causal, align=spec.align)
+        added = term.block_weights(blk, heads, spec.nonnegative == "softmax")
+        values = term.block_values(value, blk)
+        output = term.add_rows(output, term.apply_weights(added, values), spec.align)
+        if weights is not None and not tracing() and weights.dim() == 4 and weights.shape[-1] == length:
+            weights = term.add_to_weights(weights, added, blk, q)
         return output, weights
 
     lmam_attention.__name__ = f"lmam_{base}_attention"
     return lmam_attention
 
 
+def tracing() -> bool:
+    """True under torch.export / torch.onnx.export(dynamo=True), torch.compile and jit tracing."""
+    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 def _make_mask(base: str):
     from transformers import masking_utils
 
-    if base.startswith("flash"):
-        return masking_utils.flash_attention_mask
-
     def lmam_mask(*args, **kwargs):
-        # always a 4D float mask: no None for unpadded batches (see the module docstring)
-        kwargs.pop("allow_is_causal_skip", None)
-        kwargs["allow_is_bidirectional_skip"] = False
-        return masking_utils.eager_mask(*args, **kwargs)
+        if tracing() and not base.startswith("flash"):
+            # a graph must not depend on whether the sample batch was padded: always a 4D mask
+            kwargs.pop("allow_is_causal_skip", None)
+            kwargs["allow_is_bidirectional_skip"] = False
+            return masking_utils.eager_mask(*args, **kwargs)
+        # eagerly: exactly the mask the base implementation would get (None is fine: see term.keep_mask)
+        return masking_utils.ALL_MASK_ATTENTION_FUNCTIONS[base](*args, **kwargs)
 
+    lmam_mask.__name__ = f"lmam_{base}_mask"
     return lmam_mask
 
 
