@@ -11,10 +11,11 @@ Without torchrun (plain ``python benchmarks/distributed_step.py``) it makes a pr
 one itself. The model is LLaMA-shaped with random weights built from a config (no downloads):
 ``1b`` is hidden 2048, 22 layers, 32 heads, 4 KV heads, intermediate 5632 (TinyLlama's shape).
 The recipe is LoMAP (MAP over LoRA r=16) on q, k, v, o, gate, up, down plus LMAM on every
-attention layer. The base is bf16, adapter parameters fp32 (modapt's autocast_adapter_dtype);
-FSDP2 runs with ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`` (one all-gather
-dtype per group; gradients reduced in fp32), MAP's 0-dim scalars replicated and averaged in fp32
-(:func:`modapt.distributed.shard_decoder`). A step is forward + backward + the modapt hooks +
+attention layer. The base is bf16, adapter parameters fp32 (modapt's autocast_adapter_dtype), as
+under DDP; FSDP2 runs with ``MixedPrecisionPolicy(reduce_dtype=fp32)``: its all-gather takes the
+mixed bf16/fp32 groups as they are (torch 2.13), its reduce-scatter needs one gradient dtype,
+which fp32 gives; ``--fsdp-param-dtype bf16`` casts the adapters to bf16 for compute instead.
+MAP's 0-dim scalars are replicated and averaged in fp32 (:func:`modapt.distributed.shard_decoder`). A step is forward + backward + the modapt hooks +
 AdamW step, synchronised; the median over ``--steps`` after ``--warmup``. ``--batch`` is per rank,
 tokens/s counts the global batch. Rank 0 prints one line per engine and writes ``--out`` (JSON).
 """
@@ -83,7 +84,7 @@ def build(size: str, device: torch.device, dtype: torch.dtype, r: int):
     return model
 
 
-def wrap(model, engine: str, device: torch.device, dtype: torch.dtype):
+def wrap(model, engine: str, device: torch.device, param_dtype: torch.dtype | None):
     from modapt import distributed
 
     if engine == "ddp":
@@ -91,7 +92,7 @@ def wrap(model, engine: str, device: torch.device, dtype: torch.dtype):
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     return distributed.shard_decoder(model, mp_policy=mp)
 
 
@@ -110,7 +111,7 @@ def run_engine(engine: str, args, rank: int, world: int, device: torch.device) -
         torch.cuda.reset_peak_memory_stats(device)
     model = build(args.size, device, dtype, args.rank)
     trainable = sum(p.numel() for p in modapt.trainable_parameters(model).values())
-    wrapped = wrap(model, engine, device, dtype)
+    wrapped = wrap(model, engine, device, torch.bfloat16 if args.fsdp_param_dtype == "bf16" else None)
     optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data
     vocab = SIZES[args.size]["vocab_size"]
@@ -154,6 +155,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--fsdp-param-dtype", choices=["keep", "bf16"], default="keep",
+                        help="FSDP2 compute dtype of the parameters: keep (bf16 base, fp32 adapters) or bf16 (all)")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (rank 0)")
     args = parser.parse_args(argv)
 
@@ -174,7 +177,8 @@ def main(argv=None) -> int:
         env = {"torch": torch.__version__, "python": platform.python_version(),
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                "backend": dist.get_backend(), "size": args.size, "dtype": args.dtype, "lora_rank": args.rank,
-               "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE")}
+               "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
+               "fsdp_param_dtype": args.fsdp_param_dtype}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"env": env, "results": results}, indent=2) + "\n")
     dist.barrier()
