@@ -18,7 +18,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, did_you_mean
+from .errors import PluginError, RecipeError, did_you_mean
 from .methods import FAMILIES, Method
 
 ENTRY_POINT_GROUP = "modapt"
@@ -253,6 +253,8 @@ class Registry:
             args = [kwargs[a] for a in impl.argnames]
             try:
                 results.append(impl.function(*args))
+            except RecipeError:
+                raise  # a refusal (modapt_validate_recipe), not a plugin failure: the user's key path stays
             except Exception as exc:
                 dist = self.plugins.get(impl.plugin_name, PluginInfo(impl.plugin_name, "?", "")).distribution
                 raise PluginError(
