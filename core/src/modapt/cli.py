@@ -113,7 +113,17 @@ def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
         taken.add(name)
         configure(sub.add_parser(name, help=help))
 
-    registry.call("modapt_register_commands", register=register)
+    # one plugin at a time: a plugin that fails here (or tries to take a command) loses its own
+    # commands, with a warning naming its distribution; the rest of the CLI keeps working
+    registry.ensure_loaded()
+    for impl in reversed(registry.pm.hook.modapt_register_commands.get_hookimpls()):
+        try:
+            impl.function(register)
+        except Exception as exc:
+            info = registry.plugins.get(impl.plugin_name)
+            dist = info.distribution if info is not None else "?"
+            print(f"modapt: warning: plugin '{impl.plugin_name}' ({dist}) failed in modapt_register_commands: "
+                  f"{type(exc).__name__}: {exc}; its commands are not available", file=sys.stderr)
     for name, dist in COMMAND_DISTRIBUTIONS.items():
         if name not in taken:
             missing = sub.add_parser(name, help=f"(install {dist})", add_help=False)
