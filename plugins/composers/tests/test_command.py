@@ -16,7 +16,7 @@ def test_presets_json_lists_every_preset_with_its_citation(registry, capsys):
         entry = listed[spec.name]
         assert entry["citation"] == spec.citation and "Table" in entry["citation"]
         assert entry["distribution"] == "modapt-composers"
-        assert entry["methods"], spec.name
+        assert entry["methods"] and entry["notes"] == spec.notes, spec.name
     assert [m["name"] for m in listed["lomap"]["methods"]] == ["map", "lora"]
     assert [m["name"] for m in listed["lora+adapter-ffn+lmam"]["methods"]] == ["lora", "bottleneck", "lmam"]
 

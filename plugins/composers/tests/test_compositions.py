@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
+import modapt
 import pytest
 import torch
-
-import modapt
 from modapt.testing import tiny_inputs, tiny_llama
 
 UNTRIED = {

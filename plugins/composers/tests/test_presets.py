@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import modapt
 import pytest
 import torch
-
-import modapt
 from modapt.testing import tiny_inputs, tiny_llama
 from modapt_composers.presets import PRESETS, methods_of
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import types
 
-import pytest
-
 import modapt
+import pytest
 from modapt import Capabilities, Method, Options
 
 

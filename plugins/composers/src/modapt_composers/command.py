@@ -9,11 +9,13 @@ import json
 from modapt import default_registry
 from modapt.registry import KNOWN_DISTRIBUTIONS
 
-from .presets import methods_of
+from .presets import PRESETS, methods_of
+
+NOTES = {p.name: p.notes for p in PRESETS}  # choices made where the paper is silent
 
 
 def presets_payload(registry) -> list[dict]:
-    """One dict per registered preset: name, citation, description, recipe, methods (with status)."""
+    """One dict per registered preset: name, citation, description, recipe, methods (with status), notes."""
     installed = registry.methods
     out = []
     for name, preset in sorted(registry.presets.items()):
@@ -23,7 +25,8 @@ def presets_payload(registry) -> list[dict]:
                     else KNOWN_DISTRIBUTIONS.get(m, "")} for m in needed]
         out.append({"name": name, "citation": preset.citation, "description": preset.description,
                     "distribution": preset.distribution, "methods": methods,
-                    "ready": all(m["installed"] for m in methods), "recipe": preset.recipe})
+                    "ready": all(m["installed"] for m in methods), "recipe": preset.recipe,
+                    "notes": NOTES.get(name, [])})
     return out
 
 

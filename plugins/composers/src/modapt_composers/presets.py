@@ -47,8 +47,8 @@ PRESETS: tuple[PresetSpec, ...] = (
                       "update": {"method": "lora", "r": 16, "lora_alpha": 32.0, "dropout": 0.05}}]},
         "map.txt (MAP, Si et al.), Table 1 (results) and Table 6 (LLaMA3-8B: r 16, α 32, dropout 0.05, Q K V Up Down)",
         "LoMAP: MAP over LoRA",
-        ["MAP's init is the plugin default 'identity' (the MAP README's measurement); "
-         "[overrides.map] init = \"paper\" gives α = ‖W0‖_F, β = 1"],
+        [("MAP's init is the plugin default 'identity' (the MAP README's measurement); "
+         "[overrides.map] init = \"paper\" gives α = ‖W0‖_F, β = 1")],
     ),
     PresetSpec(
         "adalomap",
@@ -57,8 +57,8 @@ PRESETS: tuple[PresetSpec, ...] = (
                                  "dropout": 0.05}}]},
         "map.txt (MAP, Si et al.), Table 4 (AdaLoMAP on LLaMA3-8B, r 16) with Table 6's α, dropout and targets",
         "AdaLoMAP: MAP over AdaLoRA (needs [overrides.adalora] total_step = <optimizer steps>)",
-        ["target_r 16 is Table 4's r; init_r 24 = 1.5 × target_r (AdaLoRA's b(0) = 1.5·b(T)); "
-         "total_step is the length of your run, so the preset leaves it to [overrides.adalora] total_step"],
+        [("target_r 16 is Table 4's r; init_r 24 = 1.5 × target_r (AdaLoRA's b(0) = 1.5·b(T)); "
+         "total_step is the length of your run, so the preset leaves it to [overrides.adalora] total_step")],
     ),
     PresetSpec(
         "flomap",
@@ -73,8 +73,8 @@ PRESETS: tuple[PresetSpec, ...] = (
                      dict(LMAM_LLAMA)]},
         "lorada-lmam.txt (LoRaDA), Tables 6 and 18 (LLaMA-7B, LoRA rank 4 + LMAM); LMAM as Table 19",
         "LoRA + LMAM",
-        ["LoRA α = 2r and dropout 0.05 as Table 19; targets Q K V Up Down (the DoRA setup the baseline "
-         "comes from)"],
+        [("LoRA α = 2r and dropout 0.05 as Table 19; targets Q K V Up Down (the DoRA setup the baseline "
+         "comes from)")],
     ),
     PresetSpec(
         "dora+lmam",
@@ -91,8 +91,8 @@ PRESETS: tuple[PresetSpec, ...] = (
                      {"method": "lmam", "r": 1, "n": 128, "scale": 1.0 / (4096 * 600)}]},
         "lorada-lmam.txt (LoRaDA-Q), Table 6 (results) and Table 17 (N 4, q_proj v_proj, LMAM r 1, n 128)",
         "LoRaDA-Q: QuanTA + LMAM",
-        ["N = 4 axes factored automatically (Table 17's 16-8-8-4 for 4096 is what [overrides.quanta] "
-         "dims = [16, 8, 8, 4] gives); Table 17 gives no LMAM scale: 1/(4096·600) as Table 19"],
+        [("N = 4 axes factored automatically (Table 17's 16-8-8-4 for 4096 is what [overrides.quanta] "
+         "dims = [16, 8, 8, 4] gives); Table 17 gives no LMAM scale: 1/(4096·600) as Table 19")],
     ),
     PresetSpec(
         "adapter-ffn+lmam",
@@ -118,8 +118,8 @@ PRESETS: tuple[PresetSpec, ...] = (
         {"adapter": [{"method": "bottleneck", "placement": "parallel", "r": 256}, dict(LMAM_LLAMA)]},
         "lorada-lmam.txt (LoRaDA), Table 6 (LLaMA-7B, Parallel + LMAM); LMAM as Table 19",
         "Parallel adapter + LMAM",
-        ["the paper gives no Parallel hyper-parameters; bottleneck 256 is LLM-Adapters' parallel setting "
-         "that its baseline numbers come from"],
+        [("the paper gives no Parallel hyper-parameters; bottleneck 256 is LLM-Adapters' parallel setting "
+         "that its baseline numbers come from")],
     ),
     PresetSpec(
         "lorma-plus",
