@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import pickle
 
+import modapt
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import modapt
 from modapt.persistence import file_sha256
 from modapt.testing import tiny_gpt2, tiny_llama
 from modapt.testing.conformance import perturb
+from safetensors.torch import load_file, save_file
 
 RECIPE = {"adapter": [{"method": "lora", "r": 4, "targets": ["q_proj", "v_proj"]}], "modules_to_save": ["lm_head"]}
 A = "model.layers.0.self_attn.q_proj.lora_A.weight"

@@ -20,10 +20,9 @@ import textwrap
 import time
 from pathlib import Path
 
+import modapt
 import pytest
 import torch
-
-import modapt
 from modapt.persistence import read_config, read_tensors
 from modapt.testing import tiny_llama
 

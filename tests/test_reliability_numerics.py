@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import torch
-from torch import nn
-
 import modapt
 import modapt.cli
 import modapt.lora
+import pytest
+import torch
 from modapt.testing import tiny_inputs, tiny_llama
+from torch import nn
 
 RECIPE = {"adapter": [{"method": "lora", "r": 4, "targets": ["q_proj", "v_proj"]}]}
 B = "model.layers.1.self_attn.v_proj.lora_B.weight"
@@ -96,7 +95,7 @@ def test_cli_merge_checks_for_nan_by_default(registry, tmp_path, capsys):
     modapt.save(model, tmp_path / "bad")
     args = ["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "bad"), "--out"]
     code = modapt.cli.main(args + [str(tmp_path / "out")])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert code == 1 and "NaN or Inf" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
     assert modapt.cli.main(args + [str(tmp_path / "forced"), "--unsafe"]) == 0  # the user's explicit choice
@@ -159,7 +158,7 @@ def test_lorma_pi_in_bf16_at_4096_is_finite_and_close_to_fp32(registry, side):
     modapt.apply(ref, recipe)
     modapt.apply(low, recipe)
     with torch.no_grad():
-        for name, p in modapt.trainable_parameters(ref).items():
+        for p in modapt.trainable_parameters(ref).values():
             p.add_(torch.randn_like(p), alpha=0.02)  # the π init (T = I) moved as training would
         low.load_state_dict({k: v.to(dict(low.named_parameters())[k].dtype)
                              for k, v in modapt.adapter_state_dict(ref).items()}, strict=False)

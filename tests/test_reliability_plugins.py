@@ -12,12 +12,11 @@ import importlib.metadata
 import json
 import types
 
-import pytest
-import torch
-
 import modapt
 import modapt.cli
 import modapt.lora
+import pytest
+import torch
 from modapt.registry import Registry, use_registry
 from modapt.testing import tiny_llama
 
@@ -154,7 +153,7 @@ def test_cli_survives_a_plugin_raising_in_register_commands(monkeypatch, tmp_pat
     (tmp_path / "r.json").write_text(json.dumps(LORA))
     with use_registry(reg):
         code = modapt.cli.main(["recipe", "check", str(tmp_path / "r.json")])
-    out, err = capsys.readouterr()
+    _, err = capsys.readouterr()
     assert code == 0, err
     assert "badcmd" in err and "modapt-badcmd" in err and "boom" in err and "Traceback" not in err
 

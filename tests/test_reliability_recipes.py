@@ -17,13 +17,12 @@ import json
 import math
 from collections import Counter
 
+import modapt
+import modapt.cli
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import modapt
-import modapt.cli
 from modapt.recipe import MAX_RECIPE_BYTES, parse_recipe
 from modapt.registry import Registry, use_registry
 from modapt.testing import tiny_llama

@@ -119,7 +119,7 @@ def build_parser(registry: Registry | None = None) -> argparse.ArgumentParser:
     for impl in reversed(registry.pm.hook.modapt_register_commands.get_hookimpls()):
         try:
             impl.function(register)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any plugin failure, reported below, must not stop the CLI
             info = registry.plugins.get(impl.plugin_name)
             dist = info.distribution if info is not None else "?"
             print(f"modapt: warning: plugin '{impl.plugin_name}' ({dist}) failed in modapt_register_commands: "
