@@ -137,7 +137,7 @@ def test_two_attention_adapters_on_their_default_targets(registry, helpers):
     helpers.need(registry, "lmam")
     message = refused(registry, {"adapter": [{"method": "lmam"}, {"method": "lmam", "r": 4}]})
     assert "rule 'one attention adapter per module'" in message
-    assert "adapter[0] (lmam) and adapter[1] (lmam)" in message
+    assert "adapter[0] (lmam) and adapter[1] (lmam) both target their default targets" in message
 
 
 def test_an_attention_adapter_that_does_not_stack_on_weights(registry):

@@ -20,6 +20,7 @@ from modapt import Method, Recipe, RecipeError, Registry
 from modapt.recipe import ALL_LINEAR
 
 WEIGHT_FAMILIES = ("update", "reparam")
+DEFAULT_TARGETS = "their default targets"  # both entries leave targets out and share the method's finder
 CORE_DISTRIBUTION = "modapt"  # the core's own reparam (additive) is what an update alone gets
 
 
@@ -102,7 +103,7 @@ def _check_pair(a: Entry, b: Entry, refuse) -> None:
     shared = _shared_targets(a, b)
     if not shared:
         return
-    what = ", ".join(f"'{t}'" for t in shared)
+    what = DEFAULT_TARGETS if shared == [DEFAULT_TARGETS] else ", ".join(f"'{t}'" for t in shared)
     if a.group == "weight":
         reparams = [e for e in (a, b) if e.method.family == "reparam" and not is_default_reparam(e.method)]
         if len(reparams) == 2:
@@ -116,7 +117,7 @@ def _check_pair(a: Entry, b: Entry, refuse) -> None:
             "(give the targets to one entry, or name other modules)", f"{b.path}.targets")
     raise refuse(
         f"one {a.group} adapter per module",
-        f"{a.label()} and {b.label()} both target {what}", f"{b.path}.targets")
+        f"{a.label()} and {b.label()} both target {what}; give them disjoint targets", f"{b.path}.targets")
 
 
 def _check_beside(a: Entry, b: Entry, refuse) -> None:
@@ -169,7 +170,7 @@ def _shared_targets(a: Entry, b: Entry) -> list[str]:
     if a.targets is None or b.targets is None:
         if a.targets is None and b.targets is None and a.method.default_targets is not None \
                 and a.method.default_targets is b.method.default_targets:
-            return ["(their default targets)"]
+            return [DEFAULT_TARGETS]
         return []
     return [t for t in b.targets if t in a.targets]
 
