@@ -153,3 +153,13 @@ def test_capabilities(registry):
     caps = method.capabilities
     assert (caps.mergeable, caps.exportable, caps.identity_at_init) == (False, True, True)
     assert caps.composes_with == {"update", "reparam", "module"}
+
+
+def test_remove_on_a_deep_copy(registry):
+    model = modapt.apply(tiny_llama(attn_implementation="sdpa"), lmam(n=6), registry=registry)
+    clone = copy.deepcopy(model)
+    modapt.remove(clone)
+    assert clone.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "lmam+sdpa"
+    modapt.remove(model)
+    assert model.config._attn_implementation == "sdpa"

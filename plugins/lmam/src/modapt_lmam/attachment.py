@@ -27,6 +27,8 @@ def release_config(config) -> None:
     """Undo one :func:`switch_config`; the last one restores the original implementation exactly."""
     entry = _SWITCHED.get(id(config))
     if entry is None or entry[0] is not config:
+        # a deep copy of an adapted model: its config was never counted; fall back to the base name
+        config._attn_implementation_internal = interface.base_of(config._attn_implementation_internal)
         return
     entry[2] -= 1
     if entry[2] <= 0:
