@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import reprlib
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,16 @@ TOP_LEVEL_KEYS = ("adapter", "preset", "overrides", "modules_to_save")
 STRUCTURE_KEYS = ("method", "targets", "update")
 MAX_RECIPE_BYTES = 1 << 20  # a recipe is a few hundred bytes; a megabyte is a wrong file
 ALL_LINEAR = "all-linear"
+
+# a bad value is quoted in the error, but bounded: a 500-byte YAML file with nested aliases
+# expands to a list of 10^8 strings, whose full repr would exhaust memory
+_REPR = reprlib.Repr()  # attributes, not keywords: Python 3.11 has no Repr(**limits)
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 2, 6, 6, 6, 6
+_REPR.maxstring = _REPR.maxother = 80
+
+
+def _brief(value: Any) -> str:
+    return _REPR.repr(value)
 
 
 @dataclass(frozen=True)
@@ -197,13 +208,13 @@ class _Parser:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self.error(f"expected a list of non-empty strings, got {value!r}", path)
+            raise self.error(f"expected a list of non-empty strings, got {_brief(value)}", path)
         return tuple(value)
 
     def _expand_preset(self, name: Any, overrides: Any, seen: tuple[str, ...]):
         path = "preset"
         if not isinstance(name, str):
-            raise self.error(f"expected a preset name (string), got {name!r}", path)
+            raise self.error(f"expected a preset name (string), got {_brief(name)}", path)
         presets = self.registry.presets
         if not presets:
             raise self.error(
@@ -224,7 +235,7 @@ class _Parser:
                 f"preset '{name}' needs the methods {', '.join(missing)}, which are not installed; "
                 f"install {', '.join(dists)}", path)
         if not isinstance(overrides, Mapping):
-            raise self.error(f"expected a table of method names, got {overrides!r}", "overrides")
+            raise self.error(f"expected a table of method names, got {_brief(overrides)}", "overrides")
         entries: list[tuple[str, Any]] = []
         if "preset" in data:
             inner, _ = self._expand_preset(data["preset"], {}, seen + (name,))
@@ -236,7 +247,8 @@ class _Parser:
                 extra = overrides.get(table.get("method"))
                 if extra is not None:
                     if not isinstance(extra, Mapping):
-                        raise self.error(f"expected a table of options, got {extra!r}", f"overrides.{table['method']}")
+                        raise self.error(f"expected a table of options, got {_brief(extra)}",
+                                         f"overrides.{table['method']}")
                     table.update(copy.deepcopy(dict(extra)))
                     used.add(table.get("method"))
         for method in overrides:
@@ -249,13 +261,13 @@ class _Parser:
 
     def _entry(self, entry: Any, path: str, parent: str | None = None) -> AdapterSpec:
         if not isinstance(entry, Mapping):
-            raise self.error(f"expected an adapter table, got {entry!r}", path)
+            raise self.error(f"expected an adapter table, got {_brief(entry)}", path)
         entry = dict(entry)
         name = entry.pop("method", None)
         if name is None:
             raise self.error("missing key 'method'", path)
         if not isinstance(name, str):
-            raise self.error(f"expected a method name (string), got {name!r}", f"{path}.method")
+            raise self.error(f"expected a method name (string), got {_brief(name)}", f"{path}.method")
         try:
             method = self.registry.method(name)
         except PluginError as exc:
@@ -309,7 +321,7 @@ class _Parser:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
             got = first.get("input")
-            raise self.error(f"{first['msg']} (got {got!r})", f"{path}.{loc}" if loc else path) from None
+            raise self.error(f"{first['msg']} (got {_brief(got)})", f"{path}.{loc}" if loc else path) from None
 
 
 def _entry_tables(entry: Any):
