@@ -142,7 +142,7 @@ def mutated(draw, max_mutations=3, gentle=False):
         if gentle and kind == "number":
             paths = [p for p in paths if isinstance(_parent(recipe, p)[p[-1]], (int, float))] or paths
         if kind == "wrap":
-            recipe = draw(st.sampled_from([[recipe], "adapter", None, 3, {"adapter": recipe}]))
+            recipe = draw(st.sampled_from([[recipe], "adapter", None, 3, {"adapter": copy.deepcopy(recipe)}]))
             if not isinstance(recipe, dict):
                 return recipe
             continue
@@ -166,22 +166,22 @@ def mutated(draw, max_mutations=3, gentle=False):
             parent[key] = draw(st.sampled_from(["lora", "map", "lmam", "dora", "bottleneck", "nope", "LoRA", "",
                                                 "additive", "quanta"]))
         elif kind == "targets":
-            parent[key] = draw(st.sampled_from([["nothing_here"], [], "re:(", "re:.*", ["all-linear"], "all-linear",
-                                                ["LlamaAttention"], ["lm_head"], ["embed_tokens"], [""], [1]]))
+            parent[key] = copy.deepcopy(draw(st.sampled_from([["nothing_here"], [], "re:(", "re:.*", ["all-linear"], "all-linear",
+                                                ["LlamaAttention"], ["lm_head"], ["embed_tokens"], [""], [1]])))
         elif kind == "compose":  # an update used as a reparam, a reparam inside a reparam, and so on
-            parent[key] = draw(st.sampled_from([
+            parent[key] = copy.deepcopy(draw(st.sampled_from([  # a copy: the same dict twice could nest in itself
                 {"method": "map", "targets": TARGETS, "update": {"method": "dora", "update": {"method": "lora"}}},
                 {"method": "lora", "r": 2, "targets": TARGETS, "update": {"method": "lora"}},
                 {"method": "map", "targets": TARGETS, "update": {"method": "lmam"}},
                 {"method": "map", "targets": TARGETS, "update": {"method": "lora", "targets": TARGETS}},
                 {"method": "lmam", "update": {"method": "lora"}},
                 {"method": "map", "targets": TARGETS},
-            ]))
+            ])))
         elif kind == "preset":
             recipe["preset"] = draw(st.sampled_from(["pair", "self", "ping", "nope", "pai", 3, None, ["pair"]]))
             if draw(st.booleans()):
-                recipe["overrides"] = draw(st.sampled_from([{"lora": {"r": -1}}, {"map": {}}, {"lora": 3}, [],
-                                                            {"lora": {"bogus": 1}}]))
+                recipe["overrides"] = copy.deepcopy(draw(st.sampled_from(
+                    [{"lora": {"r": -1}}, {"map": {}}, {"lora": 3}, [], {"lora": {"bogus": 1}}])))
     return recipe
 
 
@@ -341,3 +341,20 @@ def test_targets_matching_nothing_name_the_entry(registry):
     with pytest.raises(modapt.TargetError, match=r"adapter\[0\].*q_porj.*did you mean|q_porj"):
         modapt.apply(model, parsed)
     assert not modapt.is_adapted(model)
+
+
+def test_yaml_alias_bomb_gives_a_short_error(registry, tmp_path, capsys):
+    """500 bytes of nested YAML aliases expand to 9^9 strings: the error quotes a bounded excerpt
+    (before the fix its repr ran out of memory: see the commit bounding values in recipe errors)."""
+    text = 'adapter:\n  - method: lora\n    r: 2\n    targets: ["q_proj"]\n  - method: lora\n    targets:\n'
+    text += '      - &a ["x","x","x","x","x","x","x","x","x"]\n'
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        text += f"      - &{name} [" + ",".join([f"*{prev}"] * 9) + "]\n"
+    text += "modules_to_save: *i\n"
+    path = tmp_path / "bomb.yaml"
+    path.write_text(text)
+    assert len(text) < 1000
+    code = modapt.cli.main(["recipe", "check", str(path)])
+    _, err = capsys.readouterr()
+    assert code == 1 and "modules_to_save: expected a list of non-empty strings" in err
+    assert len(err) < 2000, len(err)
