@@ -321,7 +321,11 @@ class _Parser:
             first = exc.errors()[0]
             loc = ".".join(str(p) for p in first["loc"])
             got = first.get("input")
-            raise self.error(f"{first['msg']} (got {_brief(got)})", f"{path}.{loc}" if loc else path) from None
+            message = f"{first['msg']} (got {_brief(got)})"
+            if first["type"] == "missing" and path.startswith("preset "):
+                # a preset cannot know run-specific values (AdaLoRA's total_step): say where they go
+                message = f"{first['msg']}; give it with [overrides.{method.name}] {loc} = ..."
+            raise self.error(message, f"{path}.{loc}" if loc else path) from None
 
 
 def _entry_tables(entry: Any):

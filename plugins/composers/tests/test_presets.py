@@ -68,7 +68,8 @@ def test_overrides_change_a_preset(registry, helpers):
 
 def test_adalomap_without_total_step_names_it(registry, helpers):
     helpers.need(registry, "map", "adalora")
-    with pytest.raises(modapt.RecipeError, match=r"adalomap.*update\.total_step: Field required"):
+    with pytest.raises(modapt.RecipeError,
+                       match=r"adalomap.*update\.total_step: Field required; give it with \[overrides\.adalora\] total_step"):
         modapt.parse_recipe({"preset": "adalomap"}, registry)
     assert "overrides.adalora" in registry.presets["adalomap"].description
 
