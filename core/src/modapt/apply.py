@@ -79,7 +79,7 @@ def apply(model: nn.Module, recipe: Recipe | dict | str, *, registry: Registry |
     if is_adapted(model):
         raise StateError("this model already has modapt adapters; one recipe per model "
                          "(modapt.remove(model) first to start over)")
-    plan = _plan(model, recipe, registry)
+    plan = plan_targets(model, recipe, registry)
     state = AdapterState(recipe, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
     model.__dict__[STATE_ATTR] = state
     try:
@@ -97,8 +97,11 @@ def apply(model: nn.Module, recipe: Recipe | dict | str, *, registry: Registry |
     return model
 
 
-def _plan(model: nn.Module, recipe: Recipe, registry: Registry) -> list[tuple[str, str, AdapterSpec]]:
-    """(module path, recipe key path, spec) for every module to adapt; nothing is changed yet."""
+def plan_targets(model: nn.Module, recipe: Recipe, registry: Registry) -> list[tuple[str, str, AdapterSpec]]:
+    """(module path, recipe key path, spec) for every module to adapt; nothing is changed yet.
+
+    Public: the streaming merge resolves targets on a meta-device skeleton with it.
+    """
     plan: list[tuple[str, str, AdapterSpec]] = []
     owner: dict[str, tuple[str, str]] = {}  # module path -> (entry path, family group)
     for i, spec in enumerate(recipe.adapters):

@@ -142,7 +142,7 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         raise AdapterLoadError(f"{path}: expected a JSON object")
     if "peft_type" in config:
         raise AdapterLoadError(
-            f"{directory} is a PEFT adapter ({config['peft_type']}); read it with modapt_export.peft.load_peft "
+            f"{directory} is a PEFT adapter ({config['peft_type']}); read it with modapt_export.load_peft "
             "(pip install modapt-export)")
     if config.get("format") != FORMAT:
         raise AdapterLoadError(f"{path}: not a modapt adapter (format {config.get('format')!r})")

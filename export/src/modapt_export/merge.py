@@ -141,11 +141,11 @@ def check_mergeable(recipe: Recipe, registry: Registry) -> None:
 
 def plan_layers(model: nn.Module, source: AdapterSource, registry: Registry) -> tuple[list[LayerPlan], list[str]]:
     """(adapted layers, modules_to_save paths), every adapter tensor assigned to exactly one of them."""
-    from modapt.apply import _plan  # target resolution exactly as modapt.apply does it, without building
+    from modapt.apply import plan_targets  # target resolution exactly as modapt.apply does it, without building
     from modapt.targets import match_targets
 
     plans = []
-    for path, _, spec in _plan(model, source.recipe, registry):
+    for path, _, spec in plan_targets(model, source.recipe, registry):
         module = model.get_submodule(path)
         plans.append(LayerPlan(path, f"{path}.weight", module, spec))
     saved = []
