@@ -35,3 +35,19 @@ def test_adapters_are_built_on_the_base_device(modapt_registry):
                                      {"method": "reads", "targets": ["1"], "update": {"method": "lora", "r": 2}}]})
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         assert tensor.device.type == "meta", f"{name} is on {tensor.device}"
+
+
+def test_a_plugin_bug_in_build_names_the_distribution_and_restores_the_model(modapt_registry):
+    def broken(host, options):
+        raise KeyError("oops")
+
+    plugin = types.SimpleNamespace(modapt_register_methods=modapt.hookimpl(lambda register: register(modapt.Method(
+        name="broken", family="update", options=modapt.builtin.AdditiveOptions, build=broken, own_keys=(),
+        capabilities=modapt.Capabilities(mergeable=True)))))
+    modapt_registry.register_plugin(plugin, "broken", "modapt-broken")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    import pytest
+
+    with pytest.raises(modapt.PluginError, match=r"'broken' \(modapt-broken\) failed to build 'broken' on '0': KeyError"):
+        modapt.apply(model, {"adapter": [{"method": "broken", "targets": ["0"]}]})
+    assert type(model[0]) is torch.nn.Linear and not modapt.is_adapted(model)

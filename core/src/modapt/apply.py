@@ -16,7 +16,7 @@ from torch import nn
 from . import layers, targets as targets_mod
 from .adapted_layer import AdaptedLayer
 from .attachment import Attachment
-from .errors import RecipeError, StateError, TargetError
+from .errors import ModaptError, PluginError, RecipeError, StateError, TargetError
 from .recipe import AdapterSpec, Recipe, parse_recipe
 from .registry import Registry, default_registry
 from .update import Additive
@@ -183,10 +183,13 @@ def _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtyp
                 for p in new_params:
                     p.requires_grad_(True)
             state.attachments[path] = (spec.method, attachment)
-    except (ValueError, RecipeError) as exc:
-        if isinstance(exc, RecipeError):
-            raise
+    except ModaptError:
+        raise
+    except ValueError as exc:  # the method's own refusal of this layer (rank > dimension, ...)
         raise RecipeError(f"cannot adapt '{path}': {exc}", path=entry_path, source=state.recipe.source) from None
+    except Exception as exc:  # a bug in a plugin: say whose, the caller restores the model
+        raise PluginError(f"plugin '{method.plugin}' ({method.distribution}) failed to build '{spec.method}' on "
+                          f"'{path}': {type(exc).__name__}: {exc}") from exc
 
 
 def _place(owner: nn.Module, params, buffers, reference: torch.Tensor, autocast_adapter_dtype: bool) -> None:
