@@ -99,7 +99,7 @@ def test_plugin_cannot_replace_a_core_method():
 
 
 def test_build_raising_leaves_the_model_untouched():
-    """A bug in a plugin's build (not a ValueError): the error propagates, the model is restored."""
+    """A bug in a plugin's build (not a ValueError): a PluginError names the distribution, the model is restored."""
     bad = modapt.Method(name="bad", family="update", options=modapt.lora.LoraOptions,
                         build=lambda host, options: boom(), own_keys=("x",),
                         capabilities=modapt.Capabilities(mergeable=True))
@@ -107,7 +107,7 @@ def test_build_raising_leaves_the_model_untouched():
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     recipe = {"adapter": [{"method": "lora", "r": 2, "targets": ["q_proj"]}, {"method": "bad", "targets": ["v_proj"]}]}
-    with pytest.raises(RuntimeError, match="boom"):
+    with pytest.raises(modapt.PluginError, match=r"\(dist-bad\) failed to build 'bad' on .*RuntimeError: boom"):
         modapt.apply(model, recipe, registry=reg)
     assert not modapt.is_adapted(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == \
