@@ -10,13 +10,10 @@ float32, as modapt does by default). Prints one table row per recipe.
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import modapt
 import modapt.lora
+from modapt.testing import step_timing
 import modapt_flora.plugin
-import torch
 
 
 def recipes(args, registry):
@@ -36,71 +33,14 @@ def recipes(args, registry):
     return out
 
 
-def build(args, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                      max_position_embeddings=max(args.seq, 128))
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(model, args, device):
-    params = list(modapt.trainable_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    return sum(times) / len(times), peak, sum(p.numel() for p in params)
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--intermediate", type=int, default=96)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rank", type=int, default=8)
-    args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    p = step_timing.parser(__doc__.splitlines()[0])
+    p.add_argument("--rank", type=int, default=8)
+    args = p.parse_args()
     registry = modapt.Registry(autoload=False)
     registry.register_plugin(modapt.lora, name="lora", distribution="modapt")
     registry.register_plugin(modapt_flora.plugin, name="flora", distribution="modapt-flora")
-    print(f"device {device}, base dtype {dtype}, hidden {args.hidden}, layers {args.layers}, "
-          f"batch {args.batch} x seq {args.seq}")
-    print(f"{'recipe':<24}{'trainable':>12}{'step ms':>10}{'peak GiB':>10}")
-    for name, recipe in recipes(args, registry).items():
-        model = modapt.apply(build(args, device, dtype), recipe, registry=registry)
-        model.train()
-        step, peak, count = measure(model, args, device)
-        print(f"{name:<24}{count:>12,}{step * 1e3:>10.1f}{peak:>10.2f}")
-        del model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    step_timing.run(args, registry, recipes(args, registry))
 
 
 if __name__ == "__main__":
