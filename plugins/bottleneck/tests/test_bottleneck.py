@@ -5,6 +5,7 @@ import modapt_bottleneck.plugin
 import pytest
 import torch
 from modapt.testing import tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
+from modapt.testing.models import train_losses
 from modapt.testing.conformance import model_output
 from modapt_bottleneck.sites import sites_of
 
@@ -155,15 +156,8 @@ def test_unknown_placement_and_activation_name_the_accepted_values(registry):
 
 def test_adapter_ffn_trains_and_stays_after_merge(registry):
     model = modapt.apply(tiny_llama(), _recipe("ffn"), registry=registry)
-    opt = torch.optim.AdamW(modapt.trainable_parameters(model).values(), lr=1e-2)
     inputs = tiny_inputs()
-    losses = []
-    for _ in range(15):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, 15, inputs=inputs)
     assert losses[-1] < losses[0] - 0.05
     model.eval()
     with torch.no_grad():

@@ -5,7 +5,8 @@ import modapt.lora
 import modapt_flora.plugin
 import pytest
 import torch
-from modapt.testing import tiny_inputs, tiny_llama
+from modapt.testing import tiny_llama
+from modapt.testing.models import train_losses
 from torch import nn
 
 
@@ -112,16 +113,7 @@ def test_embeddings_are_refused(registry):
 def test_trains_on_a_tiny_llama(registry):
     model = modapt.apply(tiny_llama(), {"adapter": [{"method": "flora", "r": 4, "lora_alpha": 8.0,
                                                      "targets": ["q_proj", "v_proj"]}]}, registry=registry)
-    params = list(modapt.trainable_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    inputs = tiny_inputs()
-    losses = []
-    for _ in range(15):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, 15)
     assert losses[-1] < losses[0] - 0.05
 
 
@@ -130,15 +122,6 @@ def test_flomap_trains_when_map_is_installed(registry):
     registry.register_plugin(map_plugin, name="map", distribution="modapt-map")
     model = modapt.apply(tiny_llama(), {"adapter": [{"method": "map", "targets": ["q_proj", "v_proj"],
                                                      "update": {"method": "flora", "r": 4}}]}, registry=registry)
-    params = list(modapt.trainable_parameters(model).values())
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    inputs = tiny_inputs()
-    losses = []
-    for _ in range(15):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, 15)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]

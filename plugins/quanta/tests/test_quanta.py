@@ -8,6 +8,7 @@ import modapt_quanta.plugin
 import pytest
 import torch
 from modapt.testing import tiny_gpt2, tiny_inputs, tiny_llama
+from modapt.testing.models import train_losses
 from modapt_quanta import factorize, plan_circuit
 from modapt_quanta.circuit import split_gates
 from torch import nn
@@ -157,15 +158,8 @@ def test_gpt2_conv1d_non_square(registry):
 def test_trains_on_a_tiny_llama_and_saves_theta0(registry, tmp_path):
     model = modapt.apply(tiny_llama(), {"adapter": [{"method": "quanta", "targets": ["q_proj", "v_proj"]}]},
                          registry=registry)
-    opt = torch.optim.AdamW(modapt.trainable_parameters(model).values(), lr=1e-2)
     inputs = tiny_inputs()
-    losses = []
-    for _ in range(6):
-        loss = model(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(model, 6, inputs=inputs)
     assert losses[-1] < losses[0] - 0.05
     assert "model.layers.0.self_attn.q_proj.quanta_theta0" in modapt.adapter_state_dict(model)
     modapt.save(model, tmp_path / "a", registry=registry)

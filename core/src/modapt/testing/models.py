@@ -83,3 +83,23 @@ def tiny_model_dir(path, task: str = "sequence-classification", words: list[str]
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def train_losses(model, steps: int, lr: float = 1e-2, inputs=None) -> list[float]:
+    """Train ``model``'s trainable parameters for ``steps`` AdamW steps on one causal-LM batch.
+
+    The batch is :func:`tiny_inputs` (its ids are the labels) unless ``inputs`` is given; returns
+    the loss of every step, for "this adapter learns" tests.
+    """
+    import modapt
+
+    opt = torch.optim.AdamW(modapt.trainable_parameters(model).values(), lr=lr)
+    inputs = inputs if inputs is not None else tiny_inputs()
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
