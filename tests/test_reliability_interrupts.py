@@ -10,7 +10,6 @@ refuses with the sha256 message, never a mix that loads.
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import signal
@@ -173,19 +172,10 @@ def test_killed_merge_never_leaves_a_partial_checkpoint(tmp_path, kills):
 
 
 def _train_workdir(root: Path) -> None:
-    from modapt.testing.models import tiny_model_dir
+    from modapt.testing.models import tiny_model_dir, write_sentiment_csv
 
     tiny_model_dir(root / "model")
-    rng = random.Random(0)
-    with open(root / "data.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "sentiment"])
-        for _ in range(200):
-            label = rng.random() < 0.5
-            words = rng.choices(["good", "great", "fun"] if label else ["bad", "awful", "dull"], k=3)
-            words += rng.choices(["movie", "film", "plot", "actor"], k=3)
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), "pos" if label else "neg"])
+    write_sentiment_csv(root / "data.csv")
     (root / "recipe.toml").write_text(
         'modules_to_save = ["score"]\n\n[[adapter]]\nmethod = "lora"\nr = 4\ntargets = ["q_proj", "v_proj"]\n')
 

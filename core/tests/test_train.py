@@ -1,9 +1,6 @@
 """``modapt train``: a tiny random model and a CSV file, the outputs, errors, Ctrl-C, the HF callback."""
 
-import csv
 import json
-import os
-import random
 import signal
 import subprocess
 import sys
@@ -12,7 +9,7 @@ import time
 import pytest
 
 from modapt.cli import main
-from modapt.testing.models import tiny_model_dir
+from modapt.testing.models import tiny_model_dir, write_sentiment_csv
 
 RECIPE = 'modules_to_save = ["score"]\n\n[[adapter]]\nmethod = "lora"\nr = 4\ntargets = ["q_proj", "v_proj"]\n'
 
@@ -21,16 +18,7 @@ RECIPE = 'modules_to_save = ["score"]\n\n[[adapter]]\nmethod = "lora"\nr = 4\nta
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     tiny_model_dir(root / "model")
-    rng = random.Random(0)
-    with open(root / "data.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["text", "sentiment"])
-        for _ in range(200):
-            label = rng.random() < 0.5
-            words = rng.choices(["good", "great", "fun"] if label else ["bad", "awful", "dull"], k=3)
-            words += rng.choices(["movie", "film", "plot", "actor"], k=3)
-            rng.shuffle(words)
-            writer.writerow([" ".join(words), "pos" if label else "neg"])
+    write_sentiment_csv(root / "data.csv")
     (root / "recipe.toml").write_text(RECIPE)
     return root
 

@@ -103,3 +103,22 @@ def train_losses(model, steps: int, lr: float = 1e-2, inputs=None) -> list[float
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def write_sentiment_csv(path, rows: int = 200, seed: int = 0):
+    """A learnable toy sentiment CSV (columns ``text``, ``sentiment`` = pos/neg) in the words of
+    :func:`tiny_model_dir`'s tokenizer: three polar words and three neutral ones per row."""
+    import csv
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "sentiment"])
+        for _ in range(rows):
+            label = rng.random() < 0.5
+            words = rng.choices(["good", "great", "fun"] if label else ["bad", "awful", "dull"], k=3)
+            words += rng.choices(["movie", "film", "plot", "actor"], k=3)
+            rng.shuffle(words)
+            writer.writerow([" ".join(words), "pos" if label else "neg"])
+    return path
