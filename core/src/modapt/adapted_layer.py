@@ -65,11 +65,16 @@ class AdaptedLayer(nn.Module):
         return self._w0_backup if self.kind == "linear" else self._w0_backup.t()
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Write W* into the base weight, keeping W0 for :meth:`unmerge`."""
+    def merge(self, w_star: torch.Tensor | None = None) -> None:
+        """Write W* into the base weight, keeping W0 for :meth:`unmerge`.
+
+        ``w_star`` [out, in] is :meth:`merged_weight` when the caller already computed it
+        (``modapt.merge`` checks every layer's W* before changing any).
+        """
         if self.merged:
             raise StateError("layer is already merged")
-        w_star = self.merged_weight()
+        if w_star is None:
+            w_star = self.merged_weight()
         self._check_finite(w_star)
         self._w0_backup = self.base_layer.weight.detach().clone()
         self.base_layer.weight.copy_(layers.to_storage(self.base_layer, w_star))

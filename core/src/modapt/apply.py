@@ -274,9 +274,9 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
         if not torch.isfinite(w).all():
             raise StateError(f"merging '{path}' gives NaN or Inf (fp16 overflow or a diverged adapter); "
                              "nothing was changed")
-    del merged_weights
+    # each W* is computed once: the check above must see all of them before any layer changes
     for path, host in state.layers.items():
-        host.merge()
+        host.merge(merged_weights.pop(path))
     for _, attachment in state.attachments.values():
         attachment.merge()
     if unload:
