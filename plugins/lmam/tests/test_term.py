@@ -9,7 +9,7 @@ from transformers.modeling_utils import AttentionInterface
 
 import modapt
 from modapt.testing.models import tiny_llama
-from modapt_lmam.term import block
+from modapt_lmam.term import add_rows, block
 
 
 def kept_pairs(n, q, length, align, causal=True):
@@ -53,6 +53,35 @@ CASES = [(*size, causal) for size in SIZES for causal in (True, False) if causal
 @pytest.mark.parametrize("align", ["head", "tail"])
 def test_block_placement(n, q, length, causal, align):
     assert kept_pairs(n, q, length, align, causal) == expected_pairs(n, q, length, align, causal)
+
+
+@pytest.mark.parametrize("q, n", [(6, 4), (4, 4), (3, 5)])   # block inside, equal, longer than the queries
+@pytest.mark.parametrize("align", ["head", "tail"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_add_rows(q, n, align, grad):
+    """output [B, q, h, d] + term [B, h, n, d] on the first (head) or last (tail) n query rows;
+    the eager in-place (no grad), one-copy (grad) and padded (q < n) forms all agree with it."""
+    torch.manual_seed(0)
+    output = torch.randn(2, q, 3, 4, requires_grad=grad)
+    term = torch.randn(2, 3, n, 4, requires_grad=grad)
+    expected = output.detach().clone()
+    rows = min(q, n)
+    t = term.detach().transpose(1, 2)
+    if align == "head":
+        expected[:, :rows] += t[:, :rows]
+    else:
+        expected[:, q - rows:] += t[:, n - rows:]
+    with torch.set_grad_enabled(grad):
+        got = add_rows(output if grad else output.detach().clone(), term, align)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if grad:
+        got.sum().backward()
+        torch.testing.assert_close(output.grad, torch.ones_like(output))
+        weight = torch.zeros(n)
+        weight[:rows] = 1 if align == "head" else 0
+        if align == "tail":
+            weight[n - rows:] = 1
+        torch.testing.assert_close(term.grad, weight[None, None, :, None].expand_as(term))
 
 
 def fake_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

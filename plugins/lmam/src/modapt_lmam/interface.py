@@ -105,7 +105,7 @@ def _make_attention(base: str):
         added = term.block_weights(blk, heads, spec.nonnegative == "softmax")
         values = term.block_values(value, blk)
         output = term.add_rows(output, term.apply_weights(added, values), spec.align)
-        if weights is not None and not tracing() and weights.dim() == 4 and weights.shape[-1] == length:
+        if weights is not None and not term.tracing() and weights.dim() == 4 and weights.shape[-1] == length:
             weights = term.add_to_weights(weights, added, blk, q)
         return output, weights
 
@@ -113,16 +113,11 @@ def _make_attention(base: str):
     return lmam_attention
 
 
-def tracing() -> bool:
-    """True under torch.export / torch.onnx.export(dynamo=True), torch.compile and jit tracing."""
-    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing())
-
-
 def _make_mask(base: str):
     from transformers import masking_utils
 
     def lmam_mask(*args, **kwargs):
-        if tracing() and not base.startswith("flash"):
+        if term.tracing() and not base.startswith("flash"):
             # a graph must not depend on whether the sample batch was padded: always a 4D mask
             kwargs.pop("allow_is_causal_skip", None)
             kwargs["allow_is_bidirectional_skip"] = False

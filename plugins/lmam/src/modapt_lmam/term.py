@@ -131,12 +131,29 @@ def add_rows(output: torch.Tensor, term: torch.Tensor, align: str) -> torch.Tens
     batch, q, heads, dim = output.shape
     n = term.shape[2]
     term = term.transpose(1, 2).to(output.dtype)
+    if isinstance(q, int) and q >= n and not tracing():
+        # eager, the block inside the queries: no padding rows needed. Without autograd the
+        # base's fresh output takes the term in place (no copy); with it, one copy (the base
+        # attention's backward may need its own output unchanged)
+        rows = slice(0, n) if align == "head" else slice(q - n, q)
+        if not torch.is_grad_enabled() or not (output.requires_grad or term.requires_grad):
+            output[:, rows] += term
+            return output
+        if align == "tail":
+            return torch.cat([output[:, :q - n], output[:, q - n:] + term], dim=1)
+        return torch.cat([output[:, :n] + term, output[:, n:]], dim=1)
+    # the general form: graphs (export, compile) keep one shape-independent path
     zeros = output.new_zeros(batch, n, heads, dim)
     if align == "tail":
         extended = torch.cat([zeros, output], dim=1)  # rows q..q+n-1 are the last n queries
         return torch.cat([extended[:, :q], extended[:, q:] + term], dim=1).narrow(1, n, q)
     extended = torch.cat([output, zeros], dim=1)  # rows 0..n-1 are the first n queries
     return torch.cat([extended[:, :n] + term, extended[:, n:]], dim=1).narrow(1, 0, q)
+
+
+def tracing() -> bool:
+    """True under torch.export / torch.onnx.export(dynamo=True), torch.compile and jit tracing."""
+    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def add_to_weights(attn_weights: torch.Tensor, weights: torch.Tensor, blk: Block, q: int) -> torch.Tensor:
