@@ -40,6 +40,16 @@ class Update:
         """
         raise NotImplementedError
 
+    def layer_output(self, x: torch.Tensor, base_layer: nn.Module, *args, **kwargs) -> torch.Tensor | None:
+        """The whole additive layer output ``(W0 + ΔW) x + b`` [..., out], or ``None`` (the default).
+
+        Optional. An update whose cheapest exact training path replaces the base matmul rather
+        than adding to it (LoRMAπ on a wide layer: one GEMM with ``T·W0`` instead of ``T`` applied
+        to ``W0 x``) returns the output here; :class:`Additive` then skips its own base call.
+        Other reparams (MAP, DoRA) need ``W0 x`` and ``ΔW x`` apart and never call it.
+        """
+        return None
+
     def delta_weight(self, w0: torch.Tensor) -> torch.Tensor:
         """ΔW [out, in] for merges; ``w0`` [out, in] is the base weight (LoRMA needs it)."""
         raise NotImplementedError
@@ -96,6 +106,9 @@ class Additive(Reparam):
     """``W = W0 + ΔW``: the default reparam (LoRA is ``additive(lora)``)."""
 
     def forward(self, x, *args, **kwargs):
+        whole = self.update.layer_output(x, self.base_layer, *args, **kwargs)
+        if whole is not None:
+            return whole
         base_out = self.base_layer(x, *args, **kwargs)
         delta = self.update.forward(x, base_out, self.base_layer)
         return base_out + delta.to(base_out.dtype)
