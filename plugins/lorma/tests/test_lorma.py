@@ -82,7 +82,7 @@ def canonical(layer):
 @pytest.mark.parametrize("inflation", INFLATIONS)
 def test_forward_equals_explicit_matrices(registry, inflation, side, shape, kind):
     out_f, in_f = shape
-    paths = ("direct", "fft") if inflation == "pi" else ("auto",)
+    paths = ("direct", "fft", "weight", "auto") if inflation == "pi" else ("auto",)
     for path in paths:
         net = adapted_net(registry, out_f, in_f, kind, inflation=inflation, side=side, pi_path=path)
         host = net.proj
@@ -303,7 +303,7 @@ def test_rank_larger_than_d_is_refused(registry):
 
 @pytest.mark.parametrize("key,value,accepted", [("inflation", "plsu", "'plus', 'pi' or 'none'"),
                                                 ("side", "left", "'pre' or 'post'"),
-                                                ("pi_path", "gpu", "'auto', 'direct' or 'fft'")])
+                                                ("pi_path", "gpu", "'auto', 'direct', 'fft' or 'weight'")])
 def test_bad_options_name_the_accepted_values(registry, key, value, accepted):
     with pytest.raises(modapt.RecipeError) as info:
         modapt.parse_recipe({"adapter": [{"method": "lorma", "targets": ["q_proj"], key: value}]}, registry)
@@ -311,22 +311,12 @@ def test_bad_options_name_the_accepted_values(registry, key, value, accepted):
 
 
 # ---------------------------------------------------------------------- selector
-def test_selector_uses_measured_table(monkeypatch):
-    # a device where fft is 8× cheaper per unit than the model says for direct: the crossover is finite
-    rows = [(d, 8, n, 1e-6 * n * d * d + 1e-7 * 8 * d * d, 2e-6 * n * 8 * d * math.log2(d))
-            for d in (512, 1024, 2048, 4096) for n in (64, 512)]
-    monkeypatch.setitem(pi_path.MEASURED, "testdev", rows)
-    pi_path.coefficients.cache_clear()
-    try:
-        alpha, beta, gamma = pi_path.coefficients("testdev")
-        assert alpha == pytest.approx(1e-6, rel=1e-3) and beta == pytest.approx(1e-7, rel=1e-2)
-        assert gamma == pytest.approx(2e-6, rel=1e-6)
-        # fft wins when d / log2(d) > 16 r (plus the build term): between d = 64 and d = 512 for r = 8
-        assert pi_path.choose(64, 8, 512, "testdev") == "direct"
-        assert pi_path.choose(4096, 8, 512, "testdev") == "fft"
-        assert pi_path.choose(512, 64, 512, "testdev") == "direct"  # fft's cost grows with r
-        cross = pi_path.crossover(8, 512, "testdev")
-        assert cross is not None and pi_path.choose(cross // 2, 8, 512, "testdev") == "direct"
-    finally:
-        pi_path.coefficients.cache_clear()
-    assert pi_path.choose(4096, 8, 512, "no-such-device") == "direct"
+def test_selector_fft_constant_matches_the_cpu_table():
+    """K (MACs per N·r·d·log2 d unit of fft) against the recorded CPU rows: fft_ms/unit ÷ direct_ms/MAC."""
+    direct_per_mac = sorted(ms / (3 * n * d * d) for d, _, n, ms, _ in pi_path.MEASURED_CPU if n >= 256)
+    fft_per_unit = sorted(ms / (n * r * d * math.log2(d)) for d, r, n, _, ms in pi_path.MEASURED_CPU if n >= 256)
+    k = fft_per_unit[len(fft_per_unit) // 2] / direct_per_mac[len(direct_per_mac) // 2]
+    assert 0.5 * pi_path.FFT_MACS_PER_UNIT < k < 2 * pi_path.FFT_MACS_PER_UNIT
+    # with 256 tokens and r = 8, direct vs fft flips near d / log2(d) = K·r / 3, as the table shows
+    assert pi_path.choose(512, 512, "pre", 8, 256, training=True, allowed=("direct", "fft")) == "direct"
+    assert pi_path.choose(4096, 4096, "pre", 8, 256, training=True, allowed=("direct", "fft")) == "fft"

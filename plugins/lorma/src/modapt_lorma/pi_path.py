@@ -1,82 +1,94 @@
-"""Choosing how ``inflation = "pi"`` applies Iπ(BA): ``direct`` or ``fft``, from measured figures.
+"""Choosing how ``inflation = "pi"`` applies T = s·Iπ(BA): ``direct``, ``fft`` or ``weight``.
 
-Cost model per forward+backward (N vectors of size d, rank r), fitted per device type to the
-table below (rows from ``benchmarks/bench_lorma.py``)::
+A cost model in multiply-adds (MACs) per layer and call, including backward when the call
+records a graph. N tokens, W0 [out, in], rank r, d the size of T (out for pre, in for post),
+``g = 1`` when training (a graph is recorded) else 0. The frozen base GEMM costs
+N·out·in forward and N·out·in backward (∂x only)::
 
-    direct ≈ α · N·d²  +  β · r·d²          (one GEMM, plus building Iπ(BA))
-    fft    ≈ γ · N·r·d·log2(d)              (r correlations per vector)
+    direct  = (1+g)·N·out·in·(1 + post) + (1+2g)·N·d² + (1+2g)·r·d²
+    weight  = (1+2g)·N·out·in + (1 + g + g·recompute)·out·in·d + (1+2g)·r·d²
+    fft     = (1+g)·N·out·in·(1 + post) + (1+2g)·(K/3)·N·r·d·log2(d)
 
-``choose`` picks the smaller. A device type with no measured rows uses ``direct`` (the
-paper's path, and the one that never upcasts bf16). The table holds step times in
-milliseconds: (d, r, tokens, direct_ms, fft_ms).
+- direct applies T to W0 x (pre) or to x, then W0 again (post: one more base-sized GEMM);
+  backward has ∂y and ∂T, two more N·d² GEMMs; building BA is r·d² (and 2·r·d² for ∂A, ∂B).
+- weight replaces the base GEMM by x W*ᵀ with W* = T·W0 (out·in·d, independent of N);
+  backward: ∂x and ∂W* (2·N·out·in), ∂T = ∂W*·W0ᵀ (out·in·d), + out·in·d if W* is rebuilt.
+- fft: r circular correlations per token. Its unit N·r·d·log2(d) is priced at K = 64 MACs
+  for forward + backward, from two measurements: the CPU rows below (fft ms per unit over
+  direct ms per MAC: K ≈ 43 for the 256-token rows' medians, ≈ 60 from the earlier
+  least-squares fit) and the H100 run of the 135M shape (docs/performance.md: fft +92 ms and
+  direct +27 ms over PEFT LoRA for 50 G units and 1.07 T MACs: K ≈ 72). FFTs and the
+  [N, r, d] products are memory-bound, so one unit costs tens of GEMM multiply-adds on both.
+
+``choose`` takes the cheapest of the allowed paths, ties in the fixed order direct, weight,
+fft, so the choice is a pure function of the shapes, the token count and whether a graph is
+recorded: deterministic, and the same on every device. This replaces the per-device
+least-squares fit of the earlier version: with the weight path in the set, the choices that
+matter are decided by FLOP counts differing by integer factors, not by fitted constants, and
+CUDA needs no table of its own (it had none, so auto meant direct there).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
-# Measured with benchmarks/bench_lorma.py (T·y forward + backward, fp32): CPU = the 2-core dev
-# machine, one thread, shared with other jobs (load ≈ 12), so the figures are noisy; 2026-11-23.
-MEASURED: dict[str, list[tuple[int, int, int, float, float]]] = {
-    "cpu": [
-        (512, 8, 32, 3.518, 2.035),
-        (512, 8, 256, 10.959, 44.308),
-        (1024, 8, 32, 28.743, 2.678),
-        (1024, 8, 256, 46.122, 61.263),
-        (2048, 8, 32, 101.261, 14.578),
-        (2048, 8, 256, 347.741, 148.158),
-        (4096, 8, 32, 1284.832, 23.616),
-        (4096, 8, 256, 1739.329, 779.82),
-    ],
-    # GPU slot: the lead fills these rows from `python plugins/lorma/benchmarks/bench_lorma.py --device cuda`
-    "cuda": [],
-}
+FFT_MACS_PER_UNIT = 64.0
+"""K: MACs one N·r·d·log2(d) unit of the fft path costs, forward + backward (see above)."""
+
+PATHS = ("direct", "weight", "fft")
+
+# The record behind K: (d, r, tokens, direct_ms, fft_ms) for T·y forward + backward, fp32, from
+# benchmarks/bench_lorma.py on the 2-core dev machine (one thread, load ≈ 12), 2026-11-23
+MEASURED_CPU: list[tuple[int, int, int, float, float]] = [
+    (512, 8, 32, 3.518, 2.035),
+    (512, 8, 256, 10.959, 44.308),
+    (1024, 8, 32, 28.743, 2.678),
+    (1024, 8, 256, 46.122, 61.263),
+    (2048, 8, 32, 101.261, 14.578),
+    (2048, 8, 256, 347.741, 148.158),
+    (4096, 8, 32, 1284.832, 23.616),
+    (4096, 8, 256, 1739.329, 779.82),
+]
 
 
-@functools.cache
-def coefficients(device_type: str) -> tuple[float, float, float] | None:
-    """(α, β, γ) of the cost model for ``device_type`` (ms per unit), or ``None`` without measurements."""
-    rows = MEASURED.get(device_type) or []
-    if not rows:
-        return None
-    import torch
-
-    # least squares on relative error: each row divided by its measured time
-    design, target = [], []
-    for d, r, n, direct_ms, _ in rows:
-        design.append([n * d * d / direct_ms, r * d * d / direct_ms])
-        target.append(1.0)
-    sol = torch.linalg.lstsq(torch.tensor(design, dtype=torch.float64),
-                             torch.tensor(target, dtype=torch.float64)[:, None]).solution[:, 0]
-    alpha, beta = (max(float(v), 0.0) for v in sol)
-    gammas = sorted(fft_ms / (n * r * d * math.log2(d)) for d, r, n, _, fft_ms in rows)
-    gamma = gammas[len(gammas) // 2]
-    return alpha, beta, gamma
+def costs(out_f: int, in_f: int, side: str, r: int, tokens: int, *, training: bool,
+          recompute: bool = False) -> dict[str, float]:
+    """Predicted MACs of each path for one call (forward, + backward when ``training``)."""
+    g = 1 if training else 0
+    post = side == "post"
+    d = in_f if post else out_f
+    n = max(tokens, 1)
+    base = n * out_f * in_f
+    build = (1 + 2 * g) * r * d * d
+    return {
+        "direct": (1 + g) * base * (1 + post) + (1 + 2 * g) * n * d * d + build,
+        "weight": (1 + 2 * g) * base + (1 + g + g * recompute) * out_f * in_f * d + build,
+        "fft": (1 + g) * base * (1 + post) + (1 + 2 * g) * FFT_MACS_PER_UNIT / 3 * n * r * d * math.log2(max(d, 2)),
+    }
 
 
-def predict(d: int, r: int, tokens: int, device_type: str) -> tuple[float, float] | None:
-    """Predicted (direct_ms, fft_ms) for one forward+backward, or ``None`` without measurements."""
-    coef = coefficients(device_type)
-    if coef is None:
-        return None
-    alpha, beta, gamma = coef
-    return alpha * tokens * d * d + beta * r * d * d, gamma * tokens * r * d * math.log2(max(d, 2))
+def choose(out_f: int, in_f: int, side: str, r: int, tokens: int, *, training: bool,
+           allowed: tuple[str, ...] = PATHS, recompute: bool = False) -> str:
+    """The cheapest path among ``allowed`` by :func:`costs` (ties: direct, weight, fft)."""
+    predicted = costs(out_f, in_f, side, r, tokens, training=training, recompute=recompute)
+    return min((p for p in PATHS if p in allowed), key=lambda p: (predicted[p], PATHS.index(p)))
 
 
-def choose(d: int, r: int, tokens: int, device_type: str) -> str:
-    """``"fft"`` where the measured cost model says it is faster, else ``"direct"``."""
-    costs = predict(d, r, tokens, device_type)
-    if costs is None:
-        return "direct"
-    return "fft" if costs[1] < costs[0] else "direct"
-
-
-def crossover(r: int, tokens: int, device_type: str, d_max: int = 1 << 16) -> int | None:
-    """The smallest power-of-two d at which ``choose`` picks ``fft`` (``None``: none up to ``d_max``)."""
-    d = 64
-    while d <= d_max:
-        if choose(d, r, tokens, device_type) == "fft":
-            return d
-        d *= 2
+def weight_threshold(out_f: int, in_f: int, side: str, r: int, *, training: bool = True,
+                     recompute: bool = False, limit: int = 1 << 24) -> int | None:
+    """The smallest token count from which ``choose`` picks ``weight`` over ``direct`` (None: never)."""
+    n = 1
+    while n <= limit:
+        if choose(out_f, in_f, side, r, n, training=training, allowed=("direct", "weight"),
+                  recompute=recompute) == "weight":
+            lo, hi = n // 2 + 1, n
+            while lo < hi:  # the weight-minus-direct difference falls with N: bisect the first token count
+                mid = (lo + hi) // 2
+                if choose(out_f, in_f, side, r, mid, training=training, allowed=("direct", "weight"),
+                          recompute=recompute) == "weight":
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return lo
+        n *= 2
     return None

@@ -13,7 +13,9 @@ inflation    T                   T − I, the part this update contributes
 
 Training never builds ΔW: "pre" applies T − I to the base output without its bias
 (ΔW x = (T − I)(W0 x)), "post" applies W0 to (T − I) x. Only ``pi`` with the direct path
-builds a d×d matrix (Iπ(BA)), once per forward.
+builds a d×d matrix (Iπ(BA)), once per forward; ``pi`` with the weight path builds
+W* = T·W0 (or W0·T) and returns the whole layer output from :meth:`Lorma.layer_output`
+(one GEMM instead of the base's), which the additive reparam uses in place of W0 x + ΔW x.
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ from torch import nn
 from . import pi_path
 from .inflation import pi_apply_direct, pi_apply_fft, pi_matrix
 from .options import LormaOptions
+from .weight_path import pi_weight_linear
 
 _warned_fft_upcast = False
+
+RECOMPUTE_WEIGHT = False
+"""Whether the weight path rebuilds W* in backward instead of keeping it (README: measured trade)."""
 
 
 class Lorma(Update):
@@ -49,6 +55,11 @@ class Lorma(Update):
         r = options.r
         if r > self.d:
             raise ValueError(f"r = {r} exceeds d = {self.d} (the size of T for side = '{options.side}')")
+        if options.pi_path == "weight" and options.dropout > 0:
+            raise ValueError(
+                f"pi_path = 'weight' cannot apply dropout = {options.dropout}: it replaces W0 x and T(W0 x) by "
+                "one GEMM with T·W0, so there is no input of T to drop; use dropout = 0, or pi_path = 'auto' "
+                "(picks direct or fft while dropout is active) or 'direct'")
         self.scaling = options.lora_alpha / r
         self.rank_history: list[tuple[int, dict]] = []  # filled by the rank monitor hook
         host.register_parameter("lorma_A", nn.Parameter(torch.empty(r, self.d)))
@@ -58,6 +69,37 @@ class Lorma(Update):
         host.lorma_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
 
     # ------------------------------------------------------------------ training
+    def layer_output(self, x, base_layer, *args, **kwargs):
+        """The whole layer output ``x W*ᵀ + b`` [..., out] for ``pi`` on the weight path, else ``None``.
+
+        W* = T·W0 (pre) or W0·T (post) is built once per call (out·in·d) and replaces the
+        base GEMM; see :mod:`modapt_lorma.weight_path`. ``None`` (so the additive reparam
+        calls the base layer and :meth:`forward`) for ``plus``/``none``, embeddings, active
+        dropout (the weight path has no input of T to drop), and where ``auto`` prices
+        direct or fft lower (:func:`modapt_lorma.pi_path.choose`).
+        """
+        if self.options.inflation != "pi" or self.kind == "embedding" or args or kwargs:
+            return None
+        if self._dropout_active():
+            return None
+        a, b = self.host.lorma_A, self.host.lorma_B
+        out_f, in_f = layers.dims_of(base_layer)
+        if self.options.pi_path == "auto":
+            tokens = x.numel() // max(in_f, 1)
+            training = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)
+            if pi_path.choose(out_f, in_f, self.options.side, self.options.r, tokens, training=training,
+                              recompute=RECOMPUTE_WEIGHT) != "weight":
+                return None
+        elif self.options.pi_path != "weight":
+            return None
+        bias = getattr(base_layer, "bias", None)
+        return pi_weight_linear(x, a, b, self.scaling, layers.weight_of(base_layer), bias, self.options.side,
+                                recompute=RECOMPUTE_WEIGHT)
+
+    def _dropout_active(self) -> bool:
+        dropout = self.host.lorma_dropout
+        return isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0
+
     def forward(self, x, base_out, base_layer):
         """ΔW x, shape of ``base_out`` [..., out], never building ΔW.
 
@@ -94,11 +136,24 @@ class Lorma(Update):
         return pi_apply_direct(a, b, self.scaling, y) - y
 
     def path_for(self, y: torch.Tensor) -> str:
-        """``"direct"`` or ``"fft"`` for ``inflation = "pi"`` on inputs ``y`` [..., d]."""
-        if self.options.pi_path != "auto":
-            return self.options.pi_path
+        """``"direct"`` or ``"fft"``: how :meth:`t_minus_i` applies T to ``y`` [..., d] (``pi`` only).
+
+        This is the ΔW x contract (:meth:`forward`), used when the weight path does not apply
+        (a reparam such as MAP that needs ΔW x apart, embeddings, active dropout, or ``auto``
+        pricing it higher): explicit ``"weight"`` falls back to ``"direct"`` there, and ``auto``
+        prices direct against fft with the same model.
+        """
+        path = self.options.pi_path
+        if path in ("direct", "fft"):
+            return path
+        if path == "weight":
+            return "direct"
+        out_f, in_f = layers.dims_of(self.host.base_layer)
         tokens = y.numel() // max(self.d, 1)
-        return pi_path.choose(self.d, self.options.r, tokens, y.device.type)
+        a = self.host.lorma_A
+        training = torch.is_grad_enabled() and (y.requires_grad or a.requires_grad)
+        return pi_path.choose(out_f, in_f, self.options.side, self.options.r, tokens, training=training,
+                              allowed=("direct", "fft"))
 
     # ------------------------------------------------------------------ merging and norms
     def transform(self) -> torch.Tensor:
