@@ -25,7 +25,8 @@ import torch
 from modapt import layers
 from torch import nn
 
-from .circuit import apply_circuit, circuit_matrix, init_gates, plan_circuit
+from .circuit import circuit_matrix, init_gates, plan_circuit
+from .difference import Schedule, circuit_difference
 from .factorization import factorize
 
 DEFAULT_NUM_AXES = 4  # N = 4 in the paper's settings (LoRaDA-LMAM Table 17, from QuanTA)
@@ -70,27 +71,41 @@ def layer_factors(out_f: int, in_f: int, options: QuantaOptions) -> tuple[list[i
 
 
 class Quanta(modapt.Update):
-    """ΔW = T(θ) − T(θ0). ``forward`` applies both circuits to x; ΔW is built only for merges."""
+    """ΔW = T(θ) − T(θ0). ``forward`` applies both circuits to x (fused); ΔW is built only for merges."""
 
     def __init__(self, host: nn.Module, options: QuantaOptions):
         super().__init__(host, options)
         out_f, in_f = layers.dims_of(host.base_layer)
         in_dims, out_dims = layer_factors(out_f, in_f, options)
         self.circuit = plan_circuit(in_dims, out_dims)
+        self.schedule = Schedule(self.circuit)
+        self._frozen_key, self._frozen = None, None
         theta0 = init_gates(self.circuit)
         host.register_parameter("quanta_theta", nn.Parameter(theta0.clone()))
         host.register_buffer("quanta_theta0", theta0)
         host.quanta_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
 
     def forward(self, x, base_out, base_layer):
-        """x [..., in] -> T(θ) x − T(θ0) x [..., out] (the frozen circuit without autograd)."""
-        theta, theta0 = self.host.quanta_theta, self.host.quanta_theta0
-        if x.dtype != theta.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(theta.dtype)
+        """x [..., in] -> (T(θ) − T(θ0)) x [..., out], both circuits fused, only x saved for backward.
+
+        The compute dtype is the autocast dtype under autocast, else θ's (a bf16 x is cast in
+        each pass, never stored in float32). See :mod:`modapt_quanta.difference`.
+        """
+        theta = self.host.quanta_theta
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else theta.dtype
         x = self.host.quanta_dropout(x)
-        with torch.no_grad():
-            frozen = apply_circuit(self.circuit, theta0.to(theta.dtype), x)
-        return apply_circuit(self.circuit, theta, x) - frozen
+        return circuit_difference(self.schedule, x, theta, self.frozen(dtype), dtype)
+
+    def frozen(self, dtype: torch.dtype) -> torch.Tensor:
+        """[θ0, −θ0] [2P] in ``dtype``, rebuilt only when θ0 moves, changes (load) or the dtype does."""
+        theta0 = self.host.quanta_theta0
+        key = (theta0.data_ptr(), theta0.device, theta0._version, dtype)
+        if self._frozen_key != key:
+            with torch.no_grad():
+                self._frozen = torch.cat([theta0, -theta0]).to(dtype)
+            self._frozen_key = key
+        return self._frozen
 
     def delta_weight(self, w0):
         """ΔW [out, in] = T(θ) − T(θ0), each built once as a full matrix, in ``w0``'s dtype."""
