@@ -29,10 +29,9 @@ class MapOutput(torch.autograd.Function):
         # base_out + (a − 1)·W0x rather than a·W0x + bias: a = 1, β = 0 is the base bit for bit;
         # fused multiply-adds, one pass over [..., out] each
         y = torch.addcmul(base_out, w0_x, (a - 1).to(dtype))
-        if u.dtype == dtype:
-            y.addcmul_(u, b.to(dtype))
-        else:  # a float32 update on a bf16 base: scale in float32, then round once
-            y.add_((b * u).to(dtype))
+        # a float32 update on a bf16 base: addcmul_ computes b·u in float32 and rounds once
+        # into y, one pass (no float32 temporary, no separate cast)
+        y.addcmul_(u, b if u.dtype != dtype else b.to(dtype))
         u_low = u.to(dtype)
         ctx.save_for_backward(x, u_low, a, b)
         ctx.base_layer = base_layer
