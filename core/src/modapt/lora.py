@@ -16,8 +16,13 @@ from torch import nn
 
 from . import layers
 from .hookspecs import hookimpl
+from .lora_linear import LoraLinear
 from .methods import Capabilities, Method, Options
 from .update import Update
+
+
+# base layer classes whose forward is exactly x W0ᵀ + b (subclasses may do more)
+_PLAIN_LAYERS = (nn.Linear,) + ((layers.Conv1D,) if layers.Conv1D is not None else ())
 
 
 class LoraOptions(Options):
@@ -62,6 +67,38 @@ class Lora(Update):
         if x.dtype != a.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.weight.dtype)
         return b(a(self.host.lora_dropout(x))) * self.scaling
+
+    def layer_output(self, x, base_layer, *args, **kwargs):
+        """W0 x + b + s·B A x as one autograd node (:mod:`modapt.lora_linear`), or ``None``.
+
+        Taken for a plain ``nn.Linear`` / ``Conv1D`` base without hooks, a frozen base, no
+        active dropout, under autocast or with one dtype throughout, eagerly (graphs keep the
+        module path). Anything else (a float32 adapter on a bf16 base without autocast,
+        accelerate's offload hooks on the base, ...) returns ``None``: the module path.
+        """
+        if args or kwargs or self.is_embedding or type(base_layer) not in _PLAIN_LAYERS:
+            return None
+        if base_layer._forward_hooks or base_layer._forward_pre_hooks or base_layer.weight.requires_grad:
+            return None
+        host = self.host
+        if host.training and not isinstance(host.lora_dropout, nn.Identity):
+            return None
+        a, b = host.lora_A.weight, host.lora_B.weight
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            if not x.is_floating_point():
+                return None
+        elif x.dtype == base_layer.weight.dtype == a.dtype == b.dtype:
+            dtype = x.dtype
+        else:
+            return None
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+            return None
+        bias = base_layer.bias
+        if bias is not None and bias.requires_grad:
+            return None
+        return LoraLinear.apply(x, layers.weight_of(base_layer), bias, a, b, self.scaling, dtype)
 
     def factors(self):
         return self.host.lora_B.weight * self.scaling, self.host.lora_A.weight
