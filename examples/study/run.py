@@ -132,8 +132,48 @@ def run_one(base, tokenizer, data, method: str, r: int, seed: int, args, device:
             "step_ms": 1000 * seconds / total, "device": device}
 
 
+def claims(cells: dict[tuple, list[dict]]) -> list[str]:
+    """The three claims' numbers, wherever both sides of a comparison ran (means over seeds).
+
+    LoMAP vs LoRA and LoRA+LMAM vs LoRA: test-accuracy difference in points, with the seeds'
+    spread (std of the per-seed differences when both ran the same seeds). LoRMA vs LoRA: the
+    relative change of the loss AUC (the paper's Table 5 reports 30-52 % lower).
+    """
+    def by_seed(method, r):
+        return {row["seed"]: row for row in cells.get((method, r), [])}
+
+    out = []
+    ranks = sorted({r for (_, r) in cells})
+    for name, method, key in [("LoMAP - LoRA", "lomap", "test_accuracy"),
+                              ("LoMAP (paper init) - LoRA", "lomap-paper", "test_accuracy"),
+                              ("LoRA+LMAM - LoRA", "lora+lmam", "test_accuracy"),
+                              ("AdaLoMAP - AdaLoRA", "adalomap", "test_accuracy")]:
+        base_method = "adalora" if method == "adalomap" else "lora"
+        for r in ranks:
+            a, b = by_seed(method, r), by_seed(base_method, r)
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            diffs = [100 * (a[s][key] - b[s][key]) for s in seeds]
+            spread = f" ± {statistics.stdev(diffs):.1f}" if len(diffs) > 1 else ""
+            out.append(f"- {name}, r = {r}: {statistics.mean(diffs):+.1f}{spread} points of test accuracy "
+                       f"({len(seeds)} paired seed{'s' * (len(seeds) > 1)})")
+    for method in ("lorma-plus", "lorma-pi"):
+        for r in ranks:
+            a, b = by_seed(method, r), by_seed("lora", r)
+            seeds = sorted(set(a) & set(b))
+            if not seeds:
+                continue
+            changes = [100 * (a[s]["loss_auc"] / b[s]["loss_auc"] - 1) for s in seeds]
+            spread = f" ± {statistics.stdev(changes):.1f}" if len(changes) > 1 else ""
+            out.append(f"- {method} vs LoRA, r = {r}: loss AUC {statistics.mean(changes):+.1f}{spread} % "
+                       f"({len(seeds)} paired seed{'s' * (len(seeds) > 1)})")
+    return out
+
+
 def report(path: Path, out_md: Path | None) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [row for row in rows if "error" not in row]
     cells: dict[tuple, list[dict]] = {}
     for row in rows:
         cells.setdefault((row["method"], row["r"]), []).append(row)
@@ -149,7 +189,7 @@ def report(path: Path, out_md: Path | None) -> str:
                      f"{ms([x['val_accuracy'] for x in runs])} | "
                      f"{statistics.mean(x['loss_auc'] for x in runs):.4f} | {runs[0]['trainable']:,} | "
                      f"{statistics.mean(x['step_ms'] for x in runs):.0f} |")
-    text = "\n".join(lines)
+    text = "\n".join(lines + [""] + claims(cells))
     if out_md is not None:
         try:
             import matplotlib
@@ -174,6 +214,60 @@ def report(path: Path, out_md: Path | None) -> str:
     return text
 
 
+def finished(results: Path) -> set[tuple[str, int, int]]:
+    """(method, r, seed) of the cells already in ``results`` (errors are not results)."""
+    if not results.exists():
+        return set()
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    return {(row["method"], row["r"], row["seed"]) for row in rows if "error" not in row}
+
+
+def run_parallel(args, argv: list[str]) -> int:
+    """Every (cell, seed) not yet in runs.jsonl in a child process, ``--parallel`` at a time.
+
+    A process per cell also confines a CUDA fault (which poisons its process's context) to its
+    own cell. The slowest methods start first so that the pool drains evenly. Children's logs:
+    ``OUT/logs/<method>-r<r>-s<seed>.log``.
+    """
+    import os
+    import subprocess
+
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    done = set() if args.redo else finished(out / "runs.jsonl")
+    slow_first = ["adalomap", "lomap", "lomap-paper", "dora", "lorma-pi", "adalora", "lora+lmam"]
+    jobs = [(m, int(r), int(seed)) for seed in args.seeds.split(",") for m, r in
+            (cell.split(":") for cell in args.runs.split(","))]
+    jobs = [j for j in jobs if j not in done]
+    jobs.sort(key=lambda j: (slow_first.index(j[0]) if j[0] in slow_first else len(slow_first), -j[1]))
+    keep = []  # the parent's arguments minus those it decides per child
+    skip = {"--runs", "--seeds", "--parallel"}
+    it = iter(argv)
+    for a in it:
+        if a.split("=")[0] in skip:
+            if "=" not in a:
+                next(it, None)
+            continue
+        keep.append(a)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MODAPT_STUDY_CONCURRENT=str(args.parallel))
+    running: list[tuple[subprocess.Popen, tuple]] = []
+    failed = 0
+    while jobs or running:
+        while jobs and len(running) < args.parallel:
+            m, r, seed = jobs.pop(0)
+            log = open(out / "logs" / f"{m}-r{r}-s{seed}.log", "w")
+            cmd = [sys.executable, __file__, *keep, "--runs", f"{m}:{r}", "--seeds", str(seed)]
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), (m, r, seed)))
+            print(f"started {m}:{r} seed {seed}", flush=True)
+        time.sleep(1.0)
+        for proc, job in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, job))
+                failed += proc.returncode != 0
+                print(f"finished {job[0]}:{job[1]} seed {job[2]} (exit {proc.returncode})", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", default="head:0,lora:1,lora:8,lomap:1,lomap:8", help="method:rank,...")
@@ -187,10 +281,19 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use only N training examples (smoke runs)")
     parser.add_argument("--out", default="docs/study")
     parser.add_argument("--report", default=None, help="aggregate a runs.jsonl into a table and exit")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="run K cells at once, each in a process of its own (one GPU serves several: "
+                             "this regime is launch-bound); step times are then under contention")
+    parser.add_argument("--redo", action="store_true", help="rerun cells already in runs.jsonl")
     args = parser.parse_args(argv)
     if args.report:
         print(report(Path(args.report), Path(args.report).with_name("table.md")))
         return 0
+    if args.parallel > 1:
+        return run_parallel(args, argv if argv is not None else sys.argv[1:])
+    import os
+
+    args.concurrent = int(os.environ.get("MODAPT_STUDY_CONCURRENT", "1"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,16 +306,20 @@ def main(argv=None) -> int:
         val_set, test_set = val_set.subset(range(min(args.limit, len(val_set)))), test_set.subset(
             range(min(args.limit, len(test_set))))
     results = out / "runs.jsonl"
+    done = set() if args.redo else finished(results)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for cell in args.runs.split(","):
             method, r = cell.split(":")
+            if (method, int(r), seed) in done:
+                continue
             try:
                 row = run_one(base, tokenizer, (train_set, val_set, test_set), method, int(r), seed, args, device)
             except Exception as exc:  # one failing cell must not lose the study
                 row = {"method": method, "r": int(r), "seed": seed, "error": f"{type(exc).__name__}: {exc}"}
                 print(json.dumps(row), flush=True)
                 continue
-            with open(results, "a") as f:
+            row["concurrent"] = args.concurrent
+            with open(results, "a") as f:  # one short line per write: appends from several processes stay whole
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     return 0
