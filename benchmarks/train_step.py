@@ -82,6 +82,8 @@ def modapt_recipe(name: str, r: int, total_steps: int) -> dict | None:
                                          "pi_path": "direct", "targets": LINEAR}]},
         "lorma-pi-fft": {"adapter": [{"method": "lorma", "r": r, "lora_alpha": float(r), "inflation": "pi",
                                       "pi_path": "fft", "targets": LINEAR}]},
+        "lorma-pi-weight": {"adapter": [{"method": "lorma", "r": r, "lora_alpha": float(r), "inflation": "pi",
+                                         "pi_path": "weight", "targets": LINEAR}]},
         "lora+lmam": {"adapter": [{**lora, "targets": LINEAR}, {k: v for k, v in lmam.items() if v is not None}]},
         "quanta+lmam": {"adapter": [{"method": "quanta", "targets": LINEAR},
                                     {k: v for k, v in lmam.items() if v is not None}]},
@@ -105,7 +107,7 @@ def peft_model(name: str, model, r: int, total_steps: int):
 
 
 METHODS = ["peft-lora", "lora", "peft-dora", "dora", "lomap", "peft-adalora", "adalora", "adalomap", "lorma-plus",
-           "lorma-pi-direct", "lorma-pi-fft", "lorma-pi", "lora+lmam", "quanta+lmam", "full-ft"]
+           "lorma-pi-direct", "lorma-pi-fft", "lorma-pi-weight", "lorma-pi", "lora+lmam", "quanta+lmam", "full-ft"]
 
 
 def prepare(name: str, setup: Setup, total_steps: int):

@@ -1,18 +1,23 @@
-"""Step time and peak memory of LoRA, LoRMA+ and LoRMAπ (direct and FFT) on one d×d layer,
-and the π-path table the selector (modapt_lorma.pi_path) is fitted to.
+"""Step time and memory of LoRA, LoRMA+ and the LoRMAπ paths (direct, fft, weight) on one layer,
+and what the selector (modapt_lorma.pi_path) predicts for the ~1B LLaMA shape.
 
 Runs unchanged on CPU and CUDA::
 
-    python plugins/lorma/benchmarks/bench_lorma.py                       # CPU: fp32, 256 tokens
-    python plugins/lorma/benchmarks/bench_lorma.py --device cuda         # GPU: bf16 base, 4096 tokens
+    python plugins/lorma/benchmarks/bench_lorma.py                       # CPU: fp32, 5632×2048, 512 tokens
+    python plugins/lorma/benchmarks/bench_lorma.py --device cuda         # GPU: bf16 base, 8192 tokens
 
-Part 1: forward + backward of ``y = layer(x)`` (x [tokens, d] requires grad, as inside a
-network; the base weight is frozen), each configuration in a fresh child process so that its
-peak memory is its own: CUDA ``max_memory_allocated`` above what was allocated before the
-step; CPU the process's resident high-water mark above its size before the step.
-Part 2: the π transform alone, ``T y`` forward + backward for y [n, d], direct vs fft, at
-two token counts: the rows of ``pi_path.MEASURED[device]`` (printed ready to paste), then
-the fitted cost model and the crossover d the selector uses.
+Part 1: forward + backward of ``y = layer(x)`` for an ``nn.Linear(in, out)`` (x [tokens, in]
+requires grad, as inside a network; the base weight is frozen). Each (shape, method) runs in a
+fresh child process, and the methods are interleaved over ``--rounds`` rounds so that a noisy
+machine slows them alike; the figure is the median over rounds of each child's median step.
+Memory, three ways: *saved* = bytes of the tensors autograd keeps for backward (unique
+storages, parameters and buffers excluded; exact and device-independent); *peak* = CUDA
+``max_memory_allocated`` above the state before the step, or on CPU the resident high-water
+mark above the process size before the warm-up (coarse).
+Part 2 (``--model-estimate``): the selector's per-projection choice and the FLOP ratio of
+LoRMAπ to LoRA for a LLaMA shape (default: the ~1B one of benchmarks/train_step.py).
+Part 3 (``--fft-table``): the T·y forward + backward table behind the fft constant
+(``pi_path.MEASURED_CPU``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -35,7 +41,12 @@ METHODS = {
     "lorma+": {"method": "lorma", "inflation": "plus"},
     "lorma-pi-direct": {"method": "lorma", "inflation": "pi", "pi_path": "direct"},
     "lorma-pi-fft": {"method": "lorma", "inflation": "pi", "pi_path": "fft"},
+    "lorma-pi-weight": {"method": "lorma", "inflation": "pi", "pi_path": "weight"},
+    # the same path with W* rebuilt in backward instead of kept (modapt_lorma.update.RECOMPUTE_WEIGHT)
+    "lorma-pi-weight-recompute": {"method": "lorma", "inflation": "pi", "pi_path": "weight"},
+    "lorma-pi-auto": {"method": "lorma", "inflation": "pi", "pi_path": "auto"},
 }
+DEFAULT_METHODS = ["lora", "lorma-pi-direct", "lorma-pi-weight", "lorma-pi-weight-recompute"]
 
 
 def sync(device):
@@ -59,24 +70,50 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def one(method: str, d: int, tokens: int, r: int, device: torch.device, dtype: torch.dtype, repeats: int,
-        autocast: bool = False) -> dict:
-    """Time and peak memory of one configuration (run in a child process)."""
-    import modapt
+def autocast_ctx(device, autocast: bool):
+    """bf16 autocast (what a Trainer with bf16=True does) or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
+
+def saved_bytes(fn, exclude: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` runs, storages in ``exclude`` not counted."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in exclude:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def one(method: str, out_f: int, in_f: int, tokens: int, r: int, device: torch.device, dtype: torch.dtype,
+        repeats: int, autocast: bool = False) -> dict:
+    """Step time and memory of one configuration (run in a child process)."""
+    import modapt
+    from modapt_lorma import update
+
+    update.RECOMPUTE_WEIGHT = method.endswith("-recompute")
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(d, d)).to(device=device, dtype=dtype)
+    net = nn.Sequential(nn.Linear(in_f, out_f)).to(device=device, dtype=dtype)
     entry = {**METHODS[method], "targets": ["0"], "r": r, "lora_alpha": float(r)}
     modapt.apply(net, {"adapter": [entry]}, registry=registry())
     with torch.no_grad():  # leave the identity init so every path does real work
         for p in modapt.trainable_parameters(net).values():
             p.add_(0.01 * torch.randn_like(p))
-    x = torch.randn(tokens, d, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
+    params = {t.untyped_storage().data_ptr() for t in list(net.parameters()) + list(net.buffers())}
+
+    def forward():
+        with autocast_ctx(device, autocast):
+            return net(x)
 
     def step():
-        with autocast_ctx(device, autocast):
-            out = net(x)
-        out.float().pow(2).mean().backward()
+        forward().float().pow(2).mean().backward()
         for p in list(modapt.trainable_parameters(net).values()) + [x]:
             p.grad = None
 
@@ -85,6 +122,7 @@ def one(method: str, d: int, tokens: int, r: int, device: torch.device, dtype: t
     before = rss_bytes() if device.type == "cpu" else 0
     step()  # warm-up (allocator, kernels, FFT plans)
     sync(device)
+    saved = saved_bytes(forward, params)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -99,16 +137,80 @@ def one(method: str, d: int, tokens: int, r: int, device: torch.device, dtype: t
         peak = torch.cuda.max_memory_allocated(device) - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    return {"step_ms": min(times), "median_ms": statistics.median(times), "peak_mib": max(peak, 0) / 2**20}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "saved_mib": saved / 2**20,
+            "peak_mib": max(peak, 0) / 2**20}
 
 
-def autocast_ctx(device, autocast: bool):
-    """bf16 autocast (what a Trainer with bf16=True does) or nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+def layer_table(args, device, dtype, tokens, repeats):
+    """Part 1: the methods interleaved over rounds, each (shape, method) in a fresh child process."""
+    print(f"\n## forward+backward of one nn.Linear(in, out), {tokens} tokens (x requires grad, base frozen); "
+          f"median over {args.rounds} interleaved rounds of each child's median of {repeats}")
+    print(f"{'out x in':>11} {'method':<26} {'step ms':>9} {'runs (ms)':<28} {'x lora':>7} {'saved MiB':>10} "
+          f"{'peak MiB':>9}")
+    for shape in args.shapes:
+        out_f, in_f = (int(v) for v in shape.lower().split("x"))
+        runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+        for _ in range(args.rounds):
+            for method in args.methods:
+                cmd = [sys.executable, __file__, "--one", method, str(out_f), str(in_f), "--device", args.device,
+                       "--dtype", str(dtype).removeprefix("torch."), "--tokens", str(tokens), "--r", str(args.r),
+                       "--repeats", str(repeats),
+                       "--threads", str(torch.get_num_threads())] + (["--autocast"] if args.autocast else [])
+                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if res.returncode != 0:
+                    print(f"{shape:>11} {method:<26} failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
+                    continue
+                runs[method].append(json.loads(res.stdout.strip().splitlines()[-1]))
+        base = statistics.median(r["median_ms"] for r in runs["lora"]) if runs.get("lora") else None
+        for method, rows in runs.items():
+            if not rows:
+                continue
+            ms = statistics.median(r["median_ms"] for r in rows)
+            ratio = f"{ms / base:7.2f}" if base else "      –"
+            each = " ".join(f"{r['median_ms']:.0f}" for r in rows)
+            print(f"{shape:>11} {method:<26} {ms:9.1f} {each:<28} {ratio} {rows[0]['saved_mib']:10.1f} "
+                  f"{statistics.median(r['peak_mib'] for r in rows):9.1f}", flush=True)
 
 
-def pi_rows(dims, token_counts, r, device, dtype, repeats, autocast=False):
-    """(d, r, tokens, direct_ms, fft_ms) for T·y forward + backward, the selector's table."""
+def model_estimate(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, seq: int,
+                   batch: int, r: int, side: str) -> None:
+    """Part 2: per-projection choice of ``auto`` and the step FLOP ratio LoRMAπ / LoRA (MACs, frozen base)."""
+    from modapt_lorma import pi_path
+
+    n = batch * seq
+    head = hidden // heads
+    shapes = {"q": (hidden, hidden), "k": (kv_heads * head, hidden), "v": (kv_heads * head, hidden),
+              "o": (hidden, hidden), "gate": (intermediate, hidden), "up": (intermediate, hidden),
+              "down": (hidden, intermediate)}
+    # the part every method shares: causal attention (QKᵀ and AV, half the matrix, backward ≈ 2×
+    # forward) and the frozen lm_head (forward and ∂x)
+    attention = layers * 3 * (2 * n * seq * hidden) / 2
+    lm_head = 2 * n * hidden * vocab
+    lora = attention + lm_head + layers * sum(2 * n * o * i + 3 * n * r * (o + i) for o, i in shapes.values())
+    print(f"\n## FLOP model, LLaMA {hidden}/{intermediate} x {layers} layers, N = {batch}x{seq} = {n} tokens, r = {r}, "
+          f"side = {side} (MACs per step, G)")
+    print(f"{'proj':<5} {'out x in':>11} {'base+LoRA':>10} {'direct':>10} {'weight':>10} {'weight-rc':>10} "
+          f"{'fft':>10}  auto")
+    totals = {"direct": 0.0, "weight": 0.0, "weight-rc": 0.0, "fft": 0.0, "auto": 0.0, "auto-rc": 0.0}
+    for name, (o, i) in shapes.items():
+        c = pi_path.costs(o, i, side, r, n, training=True)
+        rc = pi_path.costs(o, i, side, r, n, training=True, recompute=True)["weight"]
+        pick = pi_path.choose(o, i, side, r, n, training=True)
+        pick_rc = pi_path.choose(o, i, side, r, n, training=True, recompute=True)
+        lora_layer = 2 * n * o * i + 3 * n * r * (o + i)
+        print(f"{name:<5} {f'{o}x{i}':>11} {lora_layer / 1e9:10.1f} {c['direct'] / 1e9:10.1f} "
+              f"{c['weight'] / 1e9:10.1f} {rc / 1e9:10.1f} {c['fft'] / 1e9:10.1f}  {pick}")
+        for key, value in (("direct", c["direct"]), ("weight", c["weight"]), ("weight-rc", rc), ("fft", c["fft"]),
+                           ("auto", c[pick]), ("auto-rc", rc if pick_rc == "weight" else c[pick_rc])):
+            totals[key] += layers * value
+    print(f"shared (attention {attention / 1e12:.1f} T, lm_head {lm_head / 1e12:.1f} T); LoRA step {lora / 1e12:.1f} T MACs")
+    for key, value in totals.items():
+        print(f"LoRMApi {key:<10} step {(value + attention + lm_head) / 1e12:6.1f} T MACs = "
+              f"{(value + attention + lm_head) / lora:5.2f} x LoRA")
+
+
+def fft_table(dims, token_counts, r, device, dtype, repeats, autocast=False):
+    """Part 3: (d, r, tokens, direct_ms, fft_ms) for T·y forward + backward (the record behind K)."""
     from modapt_lorma.inflation import pi_apply_direct, pi_apply_fft
 
     rows = []
@@ -134,9 +236,11 @@ def pi_rows(dims, token_counts, r, device, dtype, repeats, autocast=False):
                     step()
                     sync(device)
                     times.append((time.perf_counter() - t0) * 1e3)
-                ms.append(round(min(times), 3))
+                ms.append(round(statistics.median(times), 3))
             rows.append((d, r, n, ms[0], ms[1]))
-            print(f"  pi d={d:5d} r={r} tokens={n:5d}: direct {ms[0]:9.2f} ms  fft {ms[1]:9.2f} ms", flush=True)
+            units = n * r * d * math.log2(d)
+            print(f"    ({d}, {r}, {n}, {ms[0]}, {ms[1]}),   # K ≈ {ms[1] / units / (ms[0] / (3 * n * d * d)):.0f}",
+                  flush=True)
     return rows
 
 
@@ -144,66 +248,43 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: fp32 on CPU, bf16 on CUDA)")
-    parser.add_argument("--dims", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    parser.add_argument("--tokens", type=int, default=None, help="tokens per step (default: 256 CPU, 4096 CUDA)")
-    parser.add_argument("--r", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
-    parser.add_argument("--skip-layer", action="store_true", help="only the selector table (part 2)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads (default 1: stable figures on a shared machine)")
+    parser.add_argument("--shapes", nargs="+", default=["5632x2048"], help="layer shapes OUTxIN")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per step (default: 512 CPU, 8192 CUDA)")
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=None, help="steps per child (default 3 CPU, 20 CUDA)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5 CPU, 3 CUDA)")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=list(METHODS))
+    parser.add_argument("--skip-layer", action="store_true", help="no part 1")
+    parser.add_argument("--model-estimate", action="store_true", help="part 2: FLOP model of the ~1B LLaMA shape")
+    parser.add_argument("--side", default="pre", choices=["pre", "post"], help="side for part 2")
+    parser.add_argument("--fft-table", action="store_true", help="part 3: the T·y table behind the fft constant")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument("--autocast", action="store_true", help="run the steps under bf16 autocast")
-    parser.add_argument("--one", nargs=2, metavar=("METHOD", "D"), help=argparse.SUPPRESS)
+    parser.add_argument("--one", nargs=3, metavar=("METHOD", "OUT", "IN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads or 1)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    tokens = args.tokens or (4096 if device.type == "cuda" else 256)
+    tokens = args.tokens or (8192 if device.type == "cuda" else 512)
     repeats = args.repeats or (20 if device.type == "cuda" else 3)
+    args.rounds = args.rounds or (3 if device.type == "cuda" else 5)
 
     if args.one:
-        print(json.dumps(one(args.one[0], int(args.one[1]), tokens, args.r, device, dtype, repeats, args.autocast)))
+        method, out_f, in_f = args.one
+        print(json.dumps(one(method, int(out_f), int(in_f), tokens, args.r, device, dtype, repeats, args.autocast)))
         return
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"# LoRMA benchmark: {name}, torch {torch.__version__}, {dtype}, r={args.r}, tokens={tokens}, "
-          f"best of {repeats}{', bf16 autocast' if args.autocast else ''}")
+    print(f"# LoRMA benchmark: {name}, torch {torch.__version__}, {dtype}, r={args.r}, tokens={tokens}"
+          f"{', bf16 autocast' if args.autocast else ''}")
     if not args.skip_layer:
-        print("\n## forward+backward of one d×d layer (x requires grad, base frozen)")
-        print(f"{'d':>6} {'method':<16} {'step ms':>9} {'peak MiB':>9}")
-        for d in args.dims:
-            for method in args.methods:
-                cmd = [sys.executable, __file__, "--one", method, str(d), "--device", args.device,
-                       "--dtype", str(dtype).removeprefix("torch."), "--tokens", str(tokens), "--r", str(args.r),
-                       "--repeats", str(repeats),
-                       "--threads", str(torch.get_num_threads())] + (["--autocast"] if args.autocast else [])
-                res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if res.returncode != 0:
-                    print(f"{d:>6} {method:<16} failed: {res.stderr.strip().splitlines()[-1:]}")
-                    continue
-                out = json.loads(res.stdout.strip().splitlines()[-1])
-                print(f"{d:>6} {method:<16} {out['step_ms']:9.2f} {out['peak_mib']:9.1f}", flush=True)
-
-    print(f"\n## selector table: T·y forward+backward, {dtype} input (fft computes in fp32)")
-    counts = sorted({max(tokens // 8, 1), tokens})
-    rows = pi_rows(args.dims, counts, args.r, device, dtype, repeats, args.autocast)
-    print(f'\nMEASURED["{device.type}"] = [')
-    for row in rows:
-        print(f"    {row},")
-    print("]")
-
-    from modapt_lorma import pi_path
-
-    pi_path.MEASURED[device.type] = rows
-    pi_path.coefficients.cache_clear()
-    alpha, beta, gamma = pi_path.coefficients(device.type)
-    print(f"fitted: direct ≈ {alpha:.3e}·N·d² + {beta:.3e}·r·d² ms;  fft ≈ {gamma:.3e}·N·r·d·log2(d) ms")
-    for n in sorted({1, 64, tokens}):
-        for rr in (args.r, 4 * args.r):
-            cross = pi_path.crossover(rr, n, device.type)
-            print(f"crossover (auto picks fft from d = ...): r={rr:3d} tokens={n:5d}: "
-                  f"{cross if cross else 'never up to 65536'}")
+        layer_table(args, device, dtype, tokens, repeats)
+    if args.model_estimate:
+        model_estimate(2048, 5632, 22, 32, 4, 32000, 1024, 8, args.r, args.side)
+    if args.fft_table:
+        print(f"\n## T·y forward+backward, {dtype} input (fft computes in fp32): rows of pi_path.MEASURED_CPU")
+        fft_table([512, 1024, 2048, 4096], [32, 256], 8, device, dtype, repeats, args.autocast)
 
 
 if __name__ == "__main__":

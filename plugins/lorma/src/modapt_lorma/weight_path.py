@@ -53,8 +53,15 @@ def pi_weight_linear(x: torch.Tensor, lorma_a: torch.Tensor, lorma_b: torch.Tens
 
 
 def _t_matrix(a, b, scaling, dtype):
-    """s·Iπ(BA) [d, d] in ``dtype`` (BA in the parameters' dtype, then cast)."""
-    return (_rotate(b @ a, +1) * scaling).to(dtype)
+    """s·Iπ(BA) [d, d] in ``dtype``: a strided view of s·[BA, BA] [d, 2d] (see ``inflation.rotate_rows``).
+
+    B·(s·[A, A]) gives the doubled matrix in one GEMM (2·r·d², s applied to the small factor),
+    so the transient is that one [d, 2d] buffer: no separate BA, rotated copy or scaled copy.
+    GEMMs take the view as it is (row stride 2d − 1).
+    """
+    d = a.shape[1]
+    doubled = (b @ (torch.cat([a, a], dim=1) * scaling)).to(dtype)
+    return doubled.as_strided((d, d), (2 * d - 1, 1), doubled.storage_offset() + d)
 
 
 def _weight(t, w0, pre, build_dtype, gemm_dtype):
@@ -95,9 +102,9 @@ class _PiWeightLinear(torch.autograd.Function):
             grad_w = (g2.t() @ x.reshape(-1, x.shape[-1])).to(ctx.build_dtype)  # [out, in]
             w0b = w0.to(ctx.build_dtype)
             grad_t = grad_w @ w0b.t() if pre else w0b.t() @ grad_w                 # [d, d]
-            grad_m = _rotate(grad_t.to(a.dtype), -1) * ctx.scaling                  # ∂(BA)
-            grad_a = b.t() @ grad_m if need_a else None
-            grad_b = grad_m @ a.t() if need_b else None
+            grad_m = _rotate(grad_t.to(a.dtype), -1)                                # ∂(BA) / s, a view
+            grad_a = (b.t() @ grad_m) * ctx.scaling if need_a else None
+            grad_b = (grad_m @ a.t()) * ctx.scaling if need_b else None
         if need_bias:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
         return grad_x, grad_a, grad_b, None, grad_bias, None, None, None, None, None
