@@ -152,3 +152,27 @@ def test_frozen_cache_follows_theta0(registry):
         host.quanta_theta0.add_(0.1)
         ref = host.base_layer(x) + x @ host.update.delta_weight(host.base_layer.weight).t()
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("in_dims,out_dims", [([3, 2, 2], [4, 3, 2]), ([4, 3], [2, 5])])
+def test_token_chunks_change_nothing(monkeypatch, in_dims, out_dims):
+    """A small working-memory budget splits the tokens into chunks: same outputs and gradients."""
+    import modapt_quanta.difference as difference
+
+    torch.manual_seed(0)
+    circuit = plan_circuit(in_dims, out_dims)
+    theta0 = init_gates(circuit).double()
+    theta = (theta0 + 0.3 * torch.randn_like(theta0)).requires_grad_()
+    x = torch.randn(37, math.prod(in_dims), dtype=torch.float64, requires_grad=True)
+    schedule = Schedule(circuit)
+    per_token = difference._TENSORS_PER_TOKEN * schedule.widest * 8
+    monkeypatch.setattr(difference, "WORK_BYTES", 5 * per_token)  # chunks of 5 tokens, the last one of 2
+    assert len(difference._chunks(schedule, 37, torch.float64)[0]) == 8
+    y = circuit_difference(schedule, x, theta, torch.cat([theta0, -theta0]), torch.float64)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, theta), g)
+    ref_theta, ref_x = theta.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    ref = _dense_reference(circuit, ref_theta, theta0, ref_x)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
+    for a, b in zip(got, torch.autograd.grad(ref, (ref_x, ref_theta), g)):
+        torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)

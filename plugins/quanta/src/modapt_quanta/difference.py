@@ -86,6 +86,7 @@ class Schedule:
         self.order = torch.cat(order)
         self.inverse = torch.argsort(self.order)
         self.final_sizes = [size[a] for a in layout]
+        self.widest = max(s.batch * max(s.o, s.k) * s.rest for s in steps)  # the widest [d] between gates
         self.out_perm = (n, *[layout.index(a) for a in range(n)])
         self.pack_index, self.pack_offsets = self._pack_index()
         self._device_cache: dict = {}
@@ -136,32 +137,52 @@ def _transposed(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _fused_forward(schedule: Schedule, mats: list[torch.Tensor], xt: torch.Tensor) -> torch.Tensor:
-    """[T(θ) − T(θ0)] applied to xt [d_in, T] (layout [axes…, T]) -> y [T, d_out] contiguous."""
+#: working memory one layer's pass may take (bytes); longer inputs run in chunks of tokens. The
+#: circuit acts on each token alone, so chunks change no result; they bound the backward's
+#: transients (the recomputed intermediates, ~12 [T, d] tensors) to this, whatever T is.
+WORK_BYTES = 256 * 2**20
+_TENSORS_PER_TOKEN = 12
+
+
+def _chunks(schedule: Schedule, t: int, dtype: torch.dtype) -> tuple[range, int]:
+    """(chunk starts, chunk length) in tokens for an input of ``t`` tokens."""
+    per_token = _TENSORS_PER_TOKEN * schedule.widest * torch.empty((), dtype=dtype).element_size()
+    step = max(1, WORK_BYTES // per_token)
+    return range(0, t, step), step
+
+
+def _forward(schedule: Schedule, mats: list[torch.Tensor], x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T(θ) − T(θ0)] x for x2 [T, d_in] -> y [T, d_out] in ``dtype``, chunk by chunk of tokens."""
+    y = torch.empty((x2.shape[0], math.prod(schedule.circuit.out_dims)), dtype=dtype, device=x2.device)
+    starts, step = _chunks(schedule, x2.shape[0], dtype)
+    for t0 in starts:
+        xt = _transposed(x2[t0:t0 + step], dtype)
+        _forward_chunk(schedule, mats, xt, y[t0:t0 + step])
+    return y
+
+
+def _forward_chunk(schedule: Schedule, mats: list[torch.Tensor], xt: torch.Tensor, out: torch.Tensor) -> None:
+    """[T(θ) − T(θ0)] applied to xt [d_in, T] (layout [axes…, T]), written to out [T, d_out]."""
     t = xt.shape[1]
     steps = schedule.steps
+    out = out.view(t, *schedule.circuit.out_dims)
     x_first = xt.view(steps[0].k, -1)
     if len(steps) == 1:
-        return _to_tokens_first(schedule, mats[0] @ x_first, t)
+        out.copy_(_tokens_first_view(schedule, mats[0] @ x_first, t))
+        return
     h = mats[0] @ x_first                                # [2·O, R·T]: both circuits, x read once
     for s, m in zip(steps[1:-1], mats[1:-1]):
         h = torch.bmm(m, h.view(2 * s.batch, s.k, s.rest * t))
     last = steps[-1]
     pair = torch.bmm(mats[-1], h.view(2, last.k, last.rest * t))   # (T(θ) x, −T(θ0) x), final layout
-    # the sum and the permutation to [T, d_out] in one pass; exactly 0 where θ = θ0
-    y = torch.empty((t, *schedule.circuit.out_dims), dtype=pair.dtype, device=pair.device)
-    torch.add(*(_tokens_first_view(schedule, half, t) for half in pair), out=y)
-    return y.view(t, -1)
+    # sum in place (contiguous), then one permuting copy to [T, d_out]: cheaper than a permuted add
+    # of both halves (measured on CPU: 35 vs 51 ms at 576 x 2048 tokens). Exactly 0 where θ = θ0.
+    out.copy_(_tokens_first_view(schedule, pair[0].add_(pair[1]), t))
 
 
 def _tokens_first_view(schedule: Schedule, y: torch.Tensor, t: int) -> torch.Tensor:
     """y in the final layout [axesᵣ…, T] as a view [T, b_1, …, b_N]."""
     return y.view(*schedule.final_sizes, t).permute(schedule.out_perm)
-
-
-def _to_tokens_first(schedule: Schedule, y: torch.Tensor, t: int) -> torch.Tensor:
-    """y in the final layout [axesᵣ…, T] -> [T, d_out] contiguous (one copy)."""
-    return _tokens_first_view(schedule, y, t).reshape(t, -1)
 
 
 class CircuitDifference(torch.autograd.Function):
@@ -171,9 +192,7 @@ class CircuitDifference(torch.autograd.Function):
     def forward(ctx, x2, theta, frozen, schedule, dtype):
         index, _ = schedule.on(x2.device)
         pack = torch.cat([theta.to(dtype), frozen]).index_select(0, index)
-        mats = schedule.views(pack)
-        xt = _transposed(x2, dtype)
-        y = _fused_forward(schedule, mats, xt)
+        y = _forward(schedule, schedule.views(pack), x2, dtype)
         ctx.save_for_backward(x2, pack)
         ctx.schedule, ctx.dtype, ctx.theta_dtype = schedule, dtype, theta.dtype
         return y
@@ -184,29 +203,36 @@ class CircuitDifference(torch.autograd.Function):
         x2, pack = ctx.saved_tensors
         schedule, dtype = ctx.schedule, ctx.dtype
         want_x, want_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        mats = schedule.views(pack)
+        grad_x = torch.empty_like(x2) if want_x else None
+        grad_theta = None
+        starts, step = _chunks(schedule, x2.shape[0], dtype)
         with torch.autocast(x2.device.type, enabled=False):
-            grad_x, grad_theta = _backward(schedule, schedule.views(pack), x2, grad_y, dtype, want_x, want_theta)
+            for t0 in starts:
+                part = _backward_chunk(schedule, mats, x2[t0:t0 + step], grad_y[t0:t0 + step], dtype,
+                                       grad_x[t0:t0 + step] if want_x else None, want_theta)
+                grad_theta = part if grad_theta is None else grad_theta.add_(part)
         if grad_theta is not None:
             _, inverse = schedule.on(x2.device)
             grad_theta = grad_theta.index_select(0, inverse).to(ctx.theta_dtype)
         return grad_x, grad_theta, None, None, None
 
 
-def _backward(schedule, mats, x2, grad_y, dtype, want_x, want_theta):
-    """(∂L/∂x [T, d_in] or None, ∂L/∂θ in perm order [P] or None) from ∂L/∂y [T, d_out]."""
+def _backward_chunk(schedule, mats, x2, grad_y, dtype, grad_x, want_theta):
+    """∂L/∂θ in perm order [P] (or None) from ∂L/∂y [T, d_out]; ∂L/∂x written into grad_x [T, d_in] if given."""
     t = x2.shape[0]
     steps = schedule.steps
     # g in the final layout [axesᵣ…, T]: the inverse of out_perm
     g = torch.empty((*schedule.final_sizes, t), dtype=dtype, device=x2.device)
     g.copy_(grad_y.reshape(t, *schedule.circuit.out_dims).permute(*_final_axes(schedule), 0))
-    g = g.view(-1, t)
     xt = _transposed(x2, dtype)
     if len(steps) == 1:
         s = steps[0]
-        grad_theta = (g.view(s.o, s.rest * t) @ xt.view(s.k, s.rest * t).t()).reshape(-1) if want_theta else None
-        grad_x = _transposed((mats[0].t() @ g.view(s.o, -1)).view(-1, t), x2.dtype) if want_x else None
-        return grad_x, grad_theta
-    halves = 2 if want_x else 1
+        g = g.view(s.o, s.rest * t)
+        if grad_x is not None:
+            grad_x.copy_((mats[0].t() @ g).view(-1, t).t())
+        return (g @ xt.view(s.k, s.rest * t).t()).reshape(-1) if want_theta else None
+    halves = 2 if grad_x is not None else 1
     # recompute the θ circuit's gate inputs (θ halves of the stacked matrices)
     acts = [xt]
     if want_theta:
@@ -223,6 +249,7 @@ def _backward(schedule, mats, x2, grad_y, dtype, want_x, want_theta):
         grads[-1] = g @ acts.pop().view(last.k, last.rest * t).t()
     # true gradients of the stacked gate inputs: (G_θᵀ g, −G_θ0ᵀ g), one mm on a small [halves·K, O] copy
     s_ = mats[-1][:halves].mT.reshape(halves * last.k, last.o) @ g      # [halves·K, R·T]
+    del g
     for i in range(len(steps) - 2, 0, -1):
         st, m = steps[i], mats[i]
         s3 = s_.view(halves * st.batch, st.o, st.rest * t)
@@ -230,14 +257,16 @@ def _backward(schedule, mats, x2, grad_y, dtype, want_x, want_theta):
             a = acts.pop().view(st.batch, st.k, st.rest * t)
             gb = torch.bmm(s3[:st.batch], a.mT)
             grads[i] = gb[0] if st.batch == 1 else gb.sum(0)
+            del a
         s_ = torch.bmm(m[:halves * st.batch].mT, s3)
+        del s3
     first = steps[0]
     s2 = s_.view(halves * first.o, first.rest * t)
     if want_theta:
         grads[0] = s2[:first.o] @ xt.view(first.k, first.rest * t).t()
-    grad_x = _transposed((mats[0].t() @ s2).view(-1, t), x2.dtype) if want_x else None
-    grad_theta = torch.cat([gr.reshape(-1) for gr in grads]) if want_theta else None
-    return grad_x, grad_theta
+    if grad_x is not None:
+        grad_x.copy_((mats[0].t() @ s2).view(-1, t).t())
+    return torch.cat([gr.reshape(-1) for gr in grads]) if want_theta else None
 
 
 def _final_axes(schedule: Schedule) -> tuple[int, ...]:
