@@ -176,3 +176,27 @@ def test_token_chunks_change_nothing(monkeypatch, in_dims, out_dims):
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
     for a, b in zip(got, torch.autograd.grad(ref, (ref_x, ref_theta), g)):
         torch.testing.assert_close(a, b, atol=1e-11, rtol=1e-11)
+
+
+def test_autocast_saves_one_bf16_copy_of_an_input_read_by_several_layers(registry):
+    """q, k, v under autocast: the frozen bases save no activation; QuanTA saves x once, in bf16."""
+    torch.manual_seed(0)
+    model = modapt.apply(nn.ModuleList([nn.Linear(48, 48), nn.Linear(48, 24), nn.Linear(48, 24)]),
+                         {"adapter": [{"method": "quanta", "targets": ["Linear"]}]}, registry=registry)
+    with torch.no_grad():
+        for host in model:
+            host.quanta_theta.add_(0.2 * torch.randn_like(host.quanta_theta))
+    x = torch.randn(512, 48, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16):
+        ys = [layer(x) for layer in model]
+    activations = {t.untyped_storage().data_ptr() for t in saved if t.shape == x.shape}
+    assert len(activations) == 1 and all(t.dtype == torch.bfloat16 for t in saved if t.shape == x.shape)
+    gs = [torch.randn_like(y) for y in ys]
+    (shared,) = torch.autograd.grad(ys, x, gs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # each layer on its own copy of x: no sharing
+        alone = [torch.autograd.grad(layer(x.clone()), x, g)[0] for layer, g in zip(model, gs)]
+    # the shared copy sums the three bf16 input gradients in bf16 (one rounding more than fp32 sums)
+    want = sum(alone)
+    torch.testing.assert_close(shared, want, atol=1e-2 * want.abs().max().item(), rtol=0)

@@ -19,7 +19,7 @@ difference directly (no subtraction pass). All gate matrices of a call come from
 out of [θ, θ0, −θ0] (θ0's part cached per dtype), the "pack".
 
 **Memory.** Forward saves x (the same tensor the base layer saves, when there is no dropout)
-and the pack (a few K entries); backward recomputes the θ circuit's intermediates, runs the
+and θ (a parameter); backward recomputes the θ circuit's intermediates, runs the
 stacked adjoint for ∂L/∂x = ΔWᵀ g (both circuits: θ0 is frozen but x is not) and contracts
 each gate's output gradient with its recomputed input for ∂L/∂θ.
 """
@@ -98,6 +98,8 @@ class Schedule:
             gate = self.order[s.offset:s.offset + s.o * s.k].view(s.o, s.k)
             if i == len(self.steps) - 1:
                 piece = torch.stack([gate, gate + 2 * big])
+                if i > 0:  # and its adjoint, stacked: [G_θᵀ; −G_θ0ᵀ] [2K, O] (no copy in backward)
+                    piece = torch.cat([piece.reshape(-1), piece.mT.reshape(-1)])
             elif i == 0:
                 piece = torch.cat([gate, gate + big])
             else:
@@ -114,7 +116,8 @@ class Schedule:
         return self._device_cache[device]
 
     def views(self, pack: torch.Tensor) -> list[torch.Tensor]:
-        """The gate matrices of a pack: [2O, K], [2B, O, K] …, [2, O, K] = (G_θ, −G_θ0) (one gate: [O, K], the difference)."""
+        """The gate matrices of a pack: [2O, K], [2B, O, K] …, [2, O, K] = (G_θ, −G_θ0), then [2K, O] = that
+        last pair transposed and stacked (one gate: [O, K] = G_θ − G_θ0 alone)."""
         out = []
         last = len(self.steps) - 1
         for i, (s, at) in enumerate(zip(self.steps, self.pack_offsets)):
@@ -125,6 +128,7 @@ class Schedule:
                 out.append(pack[at:at + 2 * s.o * s.k].view(2 * s.o, s.k))
             elif i == last:
                 out.append(pack[at:at + 2 * s.o * s.k].view(2, s.o, s.k))
+                out.append(pack[at + 2 * s.o * s.k:at + 4 * s.o * s.k].view(2 * s.k, s.o))
             else:
                 out.append(pack[at:at + 2 * s.batch * s.o * s.k].view(2 * s.batch, s.o, s.k))
         return out
@@ -174,7 +178,7 @@ def _forward_chunk(schedule: Schedule, mats: list[torch.Tensor], xt: torch.Tenso
     for s, m in zip(steps[1:-1], mats[1:-1]):
         h = torch.bmm(m, h.view(2 * s.batch, s.k, s.rest * t))
     last = steps[-1]
-    pair = torch.bmm(mats[-1], h.view(2, last.k, last.rest * t))   # (T(θ) x, −T(θ0) x), final layout
+    pair = torch.bmm(mats[-2], h.view(2, last.k, last.rest * t))   # (T(θ) x, −T(θ0) x), final layout
     # sum in place (contiguous), then one permuting copy to [T, d_out]: cheaper than a permuted add
     # of both halves (measured on CPU: 35 vs 51 ms at 576 x 2048 tokens). Exactly 0 where θ = θ0.
     out.copy_(_tokens_first_view(schedule, pair[0].add_(pair[1]), t))
@@ -185,25 +189,31 @@ def _tokens_first_view(schedule: Schedule, y: torch.Tensor, t: int) -> torch.Ten
     return y.view(*schedule.final_sizes, t).permute(schedule.out_perm)
 
 
+def _pack(schedule: Schedule, theta: torch.Tensor, frozen: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """All gate matrices of one call in ``dtype``, one gather out of [θ, θ0, −θ0] (see :class:`Schedule`)."""
+    index, _ = schedule.on(theta.device)
+    return torch.cat([theta.detach().to(dtype), frozen]).index_select(0, index)
+
+
 class CircuitDifference(torch.autograd.Function):
-    """y [T, d_out] = (T(θ) − T(θ0)) x for x [T, d_in]; saves x and the pack, recomputes the rest."""
+    """y [T, d_out] = (T(θ) − T(θ0)) x for x [T, d_in]; saves x (and θ), recomputes the rest."""
 
     @staticmethod
     def forward(ctx, x2, theta, frozen, schedule, dtype):
-        index, _ = schedule.on(x2.device)
-        pack = torch.cat([theta.to(dtype), frozen]).index_select(0, index)
-        y = _forward(schedule, schedule.views(pack), x2, dtype)
-        ctx.save_for_backward(x2, pack)
+        y = _forward(schedule, schedule.views(_pack(schedule, theta, frozen, dtype)), x2, dtype)
+        # θ and [θ0, −θ0] are held anyway (parameter, cache); the pack (B-fold copies of the middle
+        # gates, up to ~1M entries on a 5632-wide layer) is rebuilt in backward rather than kept
+        ctx.save_for_backward(x2, theta, frozen)
         ctx.schedule, ctx.dtype, ctx.theta_dtype = schedule, dtype, theta.dtype
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y):
-        x2, pack = ctx.saved_tensors
+        x2, theta, frozen = ctx.saved_tensors
         schedule, dtype = ctx.schedule, ctx.dtype
         want_x, want_theta = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        mats = schedule.views(pack)
+        mats = schedule.views(_pack(schedule, theta, frozen, dtype))
         grad_x = torch.empty_like(x2) if want_x else None
         grad_theta = None
         starts, step = _chunks(schedule, x2.shape[0], dtype)
@@ -247,8 +257,8 @@ def _backward_chunk(schedule, mats, x2, grad_y, dtype, grad_x, want_theta):
     g = g.view(last.o, last.rest * t)
     if want_theta:
         grads[-1] = g @ acts.pop().view(last.k, last.rest * t).t()
-    # true gradients of the stacked gate inputs: (G_θᵀ g, −G_θ0ᵀ g), one mm on a small [halves·K, O] copy
-    s_ = mats[-1][:halves].mT.reshape(halves * last.k, last.o) @ g      # [halves·K, R·T]
+    # true gradients of the stacked gate inputs: (G_θᵀ g, −G_θ0ᵀ g), one mm
+    s_ = mats[-1][:halves * last.k] @ g      # [halves·K, R·T]
     del g
     for i in range(len(steps) - 2, 0, -1):
         st, m = steps[i], mats[i]

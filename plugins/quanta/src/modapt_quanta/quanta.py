@@ -17,6 +17,7 @@ order, P = Σ o_m·o_n·i_m·i_n.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Annotated
 
 import modapt
@@ -70,6 +71,28 @@ def layer_factors(out_f: int, in_f: int, options: QuantaOptions) -> tuple[list[i
     return in_dims, out_dims
 
 
+_last_cast: tuple = (None, None, None, None)
+
+
+def narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in the narrower compute ``dtype`` (autocast), the copy shared by consecutive calls on the same x.
+
+    A frozen base layer saves no activation for backward (its weight needs no gradient), so
+    what QuanTA saves is all it adds: the bf16 copy of x rather than the fp32 x. q, k and v (and
+    gate, up) read one x; they share the one copy (the last cast is remembered weakly: x and the
+    copy stay alive only through their other owners, the copy through the saved tensors).
+    """
+    global _last_cast
+    source, version, cast_dtype, cast = _last_cast
+    if source is not None and source() is x and version == x._version and cast_dtype == dtype:
+        hit = cast()
+        if hit is not None:
+            return hit
+    out = x.to(dtype)
+    _last_cast = (weakref.ref(x), x._version, dtype, weakref.ref(out))
+    return out
+
+
 class Quanta(modapt.Update):
     """ΔW = T(θ) − T(θ0). ``forward`` applies both circuits to x (fused); ΔW is built only for merges."""
 
@@ -95,6 +118,8 @@ class Quanta(modapt.Update):
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else theta.dtype
         x = self.host.quanta_dropout(x)
+        if x.element_size() > torch.empty((), dtype=dtype).element_size():
+            x = narrowed(x, dtype)
         return circuit_difference(self.schedule, x, theta, self.frozen(dtype), dtype)
 
     def frozen(self, dtype: torch.dtype) -> torch.Tensor:
