@@ -98,11 +98,13 @@ def test_eval_forward_and_merged_weights_equal_peft(family, registry):
         assert rel_err(param, theirs_weights[name]) < REL, name
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("family", sorted(CASES))
-def test_train_forward_with_dropout_and_gradients_equal_peft(family, registry):
-    """Training mode, dropout 0.3: the same seed gives the same masks on both sides (PEFT
-    recomputes the base on the dropped input); gradients of A, B and m agree too."""
-    ours, theirs = build_pair(family, registry, dropout=0.3)
+def test_train_forward_and_gradients_equal_peft(family, dropout, registry):
+    """Training mode. Dropout 0.3: the same seed gives the same masks on both sides (PEFT
+    recomputes the base on the dropped input). Dropout 0: the fused path (modapt_dora.fused)
+    on the linear and Conv1D layers. Gradients of A, B and m agree too."""
+    ours, theirs = build_pair(family, registry, dropout=dropout)
     ours.train()
     theirs.train()
     inputs = tiny_inputs()

@@ -13,7 +13,9 @@ Forward, with ``s = m / ‖W0 + ΔW‖_row`` [out] and b the bias (none for embe
 The second line is PEFT 0.21's: with dropout the base term is recomputed on the dropped
 input (one more full matmul of W0, only then). Without dropout ``W0 x + b`` is the base layer's
 own output; nothing multiplies W0 a second time, and the norm comes from the update's
-``factors()`` (:mod:`modapt_dora.norm`) in out×k work.
+``factors()`` (:mod:`modapt_dora.norm`: W0 + L R built in one ``addmm`` where that is cheaper
+than many small kernels, expanded in out×k work on large CUDA layers). LoRA on a linear layer
+without active dropout runs as one autograd node (:mod:`modapt_dora.fused`).
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ import torch
 from torch import nn
 
 from modapt import Options, Reparam, layers
+from modapt.lora import Lora
 
-from .norm import BaseRowNormCache, direct_row_norm, factored_row_norm
+from .fused import DoraLora
+from .norm import BaseRowNormCache, direct_factor_norm, direct_is_cheaper, direct_row_norm, factored_row_norm
 from .rescale import rescale
 
 MAGNITUDE = "lora_magnitude_vector"
@@ -42,6 +46,10 @@ class Dora(Reparam):
         base = host.base_layer
         self.has_bias = getattr(base, "bias", None) is not None and layers.layer_kind(base) != "embedding"
         self._w0_sq = BaseRowNormCache()
+        # LoRA on a linear (or Conv1D) layer takes the fused path (modapt_dora.fused) when no
+        # dropout acts; anything else (embeddings, other updates, dropout) the general one
+        self._fusable = (type(update) is Lora and not update.is_embedding
+                         and layers.layer_kind(base) in ("linear", "conv1d"))
         with torch.no_grad():
             w0 = layers.weight_of(base).float()
             magnitude = direct_row_norm(w0, update.delta_weight(w0))
@@ -56,8 +64,13 @@ class Dora(Reparam):
             fac = self.update.factors()
             if fac is None:
                 return direct_row_norm(w0, self.update.delta_weight(w0.float()))
-            left, right = fac
-            return factored_row_norm(w0, self._w0_sq.get(base.weight, w0), left, right)
+            return self._factor_norm(w0, *fac)
+
+    def _factor_norm(self, w0, left, right):
+        """‖W0 + L R‖_row [out] float32 (no grad, autocast off): direct or expanded, by size."""
+        if direct_is_cheaper(w0):
+            return direct_factor_norm(w0, left, right)
+        return factored_row_norm(w0, self._w0_sq.get(self.base_layer.weight, w0), left, right)
 
     def scale(self) -> torch.Tensor:
         """s = m / ‖W0 + ΔW‖_row [out] float32; differentiable in m only."""
@@ -66,6 +79,10 @@ class Dora(Reparam):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x, *args, **kwargs):
+        if self._fusable and not args and not kwargs:
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
         base = self.base_layer
         base_out = base(x, *args, **kwargs)
         scale = self.scale()
@@ -81,6 +98,40 @@ class Dora(Reparam):
         delta = self._update_without_dropout(dropped, dropped_out)
         # y = base_out + (s − 1) ⊙ W0 x̃ + s ⊙ ΔW x̃ = (base_out − W0 x̃) + s ⊙ (W0 x̃ + ΔW x̃)
         return rescale(w0_dropped, delta, scale, base_out - w0_dropped)
+
+    def _fused_forward(self, x):
+        """The whole layer as one :class:`~modapt_dora.fused.DoraLora` node, or ``None`` when
+        the general path must run (dropout active, hooks on the base layer, mixed dtypes)."""
+        base = self.base_layer
+        if base._forward_hooks or base._forward_pre_hooks or self._active_dropout() is not None:
+            return None
+        w0 = layers.weight_of(base)
+        device = w0.device.type
+        autocast = torch.is_autocast_enabled(device)
+        if not autocast and x.dtype != w0.dtype:
+            return None
+        host = self.host
+        lora_a, lora_b = host.lora_A.weight, host.lora_B.weight
+        scaling = self.update.scaling
+        with torch.no_grad():
+            if autocast:
+                with torch.autocast(device, enabled=False):
+                    norm = self._lora_norm(w0, lora_a, lora_b, scaling)
+            else:
+                norm = self._lora_norm(w0, lora_a, lora_b, scaling)
+        compute_dtype = torch.get_autocast_dtype(device) if autocast else None
+        return DoraLora.apply(x, lora_a, lora_b, getattr(host, MAGNITUDE), w0, base.bias, norm, scaling, compute_dtype)
+
+    def _lora_norm(self, w0, lora_a, lora_b, scaling):
+        """‖W0 + c·B A‖_row [out] float32 for LoRA's A [r, in], B [out, r] (no grad, autocast off)."""
+        if direct_is_cheaper(w0) and lora_a.dtype == lora_b.dtype == torch.float32:
+            # W0 + c·B A in one addmm (c as its alpha), in place on a half W0's float32 copy
+            if w0.dtype == torch.float32:
+                weight = torch.addmm(w0, lora_b, lora_a, alpha=scaling)
+            else:
+                weight = w0.float().addmm_(lora_b, lora_a, alpha=scaling)
+            return torch.linalg.vector_norm(weight, dim=1)
+        return self._factor_norm(w0, lora_b * scaling, lora_a)
 
     def _active_dropout(self) -> nn.Module | None:
         """The update's input dropout (``lora_dropout`` on the host) when it acts this call."""
