@@ -171,6 +171,13 @@ def claims(cells: dict[tuple, list[dict]]) -> list[str]:
     return out
 
 
+def step_ms(runs: list[dict]) -> str:
+    """Mean step time of the runs that had the GPU to themselves ("–" if none did: under
+    ``--parallel`` the processes share it, and their step times measure the contention)."""
+    alone = [x["step_ms"] for x in runs if x.get("concurrent", 1) == 1]
+    return f"{statistics.mean(alone):.0f}" if alone else "–"
+
+
 def report(path: Path, out_md: Path | None) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [row for row in rows if "error" not in row]
@@ -182,13 +189,13 @@ def report(path: Path, out_md: Path | None) -> str:
         return f"{100 * statistics.mean(values):.1f}" + (f" ± {100 * statistics.stdev(values):.1f}"
                                                          if len(values) > 1 else "")
 
-    lines = ["| method | r | seeds | test acc % | val acc % | loss AUC | trainable | step ms |",
+    lines = ["| method | r | seeds | test acc % | val acc % | loss AUC | trainable | step ms (alone) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (method, r), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {method} | {r} | {len(runs)} | {ms([x['test_accuracy'] for x in runs])} | "
                      f"{ms([x['val_accuracy'] for x in runs])} | "
                      f"{statistics.mean(x['loss_auc'] for x in runs):.4f} | {runs[0]['trainable']:,} | "
-                     f"{statistics.mean(x['step_ms'] for x in runs):.0f} |")
+                     f"{step_ms(runs)} |")
     text = "\n".join(lines + [""] + claims(cells))
     if out_md is not None:
         try:
