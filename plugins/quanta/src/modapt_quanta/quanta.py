@@ -83,13 +83,13 @@ def narrowed(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     copy stay alive only through their other owners, the copy through the saved tensors).
     """
     global _last_cast
-    source, version, cast_dtype, cast = _last_cast
-    if source is not None and source() is x and version == x._version and cast_dtype == dtype:
+    source, version, key, cast = _last_cast
+    if source is not None and source() is x and version == x._version and key == (dtype, torch.is_grad_enabled()):
         hit = cast()
         if hit is not None:
             return hit
     out = x.to(dtype)
-    _last_cast = (weakref.ref(x), x._version, dtype, weakref.ref(out))
+    _last_cast = (weakref.ref(x), x._version, (dtype, torch.is_grad_enabled()), weakref.ref(out))
     return out
 
 
