@@ -9,7 +9,8 @@ Runs unchanged on CPU and CUDA::
 Part 1: forward + backward of ``y = layer(x)`` for an ``nn.Linear(in, out)`` (x [tokens, in]
 requires grad, as inside a network; the base weight is frozen). Each (shape, method) runs in a
 fresh child process, and the methods are interleaved over ``--rounds`` rounds so that a noisy
-machine slows them alike; the figure is the median over rounds of each child's median step.
+machine slows them alike; the figure is the median over rounds of each child's median step,
+and "x lora" the median over rounds of the ratio to LoRA within the round.
 Memory, three ways: *saved* = bytes of the tensors autograd keeps for backward (unique
 storages, parameters and buffers excluded; exact and device-independent); *peak* = CUDA
 ``max_memory_allocated`` above the state before the step, or on CPU the resident high-water
@@ -161,12 +162,14 @@ def layer_table(args, device, dtype, tokens, repeats):
                     print(f"{shape:>11} {method:<26} failed: {res.stderr.strip().splitlines()[-1:]}", flush=True)
                     continue
                 runs[method].append(json.loads(res.stdout.strip().splitlines()[-1]))
-        base = statistics.median(r["median_ms"] for r in runs["lora"]) if runs.get("lora") else None
+        lora = runs.get("lora") or []
         for method, rows in runs.items():
             if not rows:
                 continue
             ms = statistics.median(r["median_ms"] for r in rows)
-            ratio = f"{ms / base:7.2f}" if base else "      –"
+            # the ratio within each round (same machine load), then the median over rounds
+            ratios = [r["median_ms"] / b["median_ms"] for r, b in zip(rows, lora)]
+            ratio = f"{statistics.median(ratios):7.2f}" if len(rows) == len(lora) and lora else "      –"
             each = " ".join(f"{r['median_ms']:.0f}" for r in rows)
             print(f"{shape:>11} {method:<26} {ms:9.1f} {each:<28} {ratio} {rows[0]['saved_mib']:10.1f} "
                   f"{statistics.median(r['peak_mib'] for r in rows):9.1f}", flush=True)

@@ -10,6 +10,7 @@ from .inflation import pi_apply_direct, pi_apply_fft, rotate_rows
 from .options import LormaOptions
 from .rank_monitor import RankMonitor, rank_report
 from .update import Lorma
+from .weight_path import pi_weight_linear
 
-__all__ = ["Lorma", "LormaOptions", "RankMonitor", "pi_apply_direct", "pi_apply_fft", "rank_report",
-           "rotate_rows"]
+__all__ = ["Lorma", "LormaOptions", "RankMonitor", "pi_apply_direct", "pi_apply_fft", "pi_weight_linear",
+           "rank_report", "rotate_rows"]
