@@ -143,3 +143,30 @@ def test_training_loop_prunes_to_target_and_learns(registry):
         losses.append(task.item())
     assert losses[-1] < losses[0]
     assert sum(ranks(model).values()) == 2 * 4
+
+
+def test_batched_scores_and_masks_equal_the_per_layer_ones(registry):
+    """The allocator's batched path (stacked means per shape group, multi-tensor masking) gives
+    the per-layer scores bit for bit, in the layers' order, and masks as masked_fill would."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = modapt.apply(tiny_llama(), recipe(targets=targets, init_r=4, target_r=2), registry=registry)
+    (allocator,) = allocators_of(model)
+    gen = torch.Generator().manual_seed(0)
+    for param in modapt.trainable_parameters(model).values():
+        with torch.no_grad():
+            param.normal_(generator=gen)
+        param.grad = torch.randn(param.shape, generator=gen)
+    allocator.update_scores()
+    per_layer = allocator.triplet_scores()
+    shapes = {tuple(h.lora_B.shape) for h in allocator.hosts.values()}
+    assert len(shapes) > 1, "one shape group only: the reordering would not be exercised"
+    assert torch.equal(allocator._score_matrix(), torch.stack([per_layer[p] for p in allocator.hosts]))
+    before = {p: h.lora_E.detach().clone() for p, h in allocator.hosts.items()}
+    allocator.mask_to_budget(allocator.init_budget - 10)
+    threshold = torch.cat(list(per_layer.values())).kthvalue(10).values
+    for path, host in allocator.hosts.items():
+        keep = per_layer[path] > threshold
+        assert torch.equal(host.rank_pattern, keep), path
+        want = before[path].masked_fill(~keep.view(-1, 1), 0.0)
+        assert torch.equal(host.lora_E, want) and not torch.signbit(host.lora_E[~keep]).any(), path
+    assert sum(ranks(model).values()) == allocator.init_budget - 10

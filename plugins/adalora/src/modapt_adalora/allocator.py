@@ -20,7 +20,7 @@ from modapt import StateError
 from torch import nn
 
 from .options import AdaLoraOptions
-from .sharding import full, laid_out_like
+from .sharding import DTensor, full, laid_out_like
 from .svd_update import AdaLora
 
 CACHE_ATTR = "modapt_adalora"
@@ -129,9 +129,53 @@ class RankAllocator:
         names = [name for name, _ in self._named_params()]
         return {n: (s, u) for n, s, u in zip(names, self.sensitivity, self.uncertainty)}
 
+    def _sharded(self) -> bool:
+        """Whether any Λ is an FSDP2 shard (then the per-layer, gathering path runs)."""
+        return DTensor is not None and any(isinstance(h.lora_E, DTensor) for h in self.hosts.values())
+
+    def _layout(self):
+        """For the batched scores: per kind (Q, P) the groups of equally shaped layers, as
+        (indices into the hosts' order, LongTensor of them), and the permutation that puts the
+        groups' concatenation back in the hosts' order. Built once (the hosts are fixed)."""
+        if getattr(self, "_layout_cache", None) is None:
+            hosts = list(self.hosts.values())
+            device = hosts[0].lora_E.device
+            kinds = []
+            for key in ("lora_A", "lora_B"):
+                groups: dict[tuple, list[int]] = {}
+                for i, host in enumerate(hosts):
+                    groups.setdefault(tuple(getattr(host, key).shape), []).append(i)
+                order = [i for idx in groups.values() for i in idx]
+                inverse = torch.empty(len(order), dtype=torch.long)
+                inverse[torch.tensor(order)] = torch.arange(len(order))
+                kinds.append((list(groups.values()), inverse.to(device)))
+            self._layout_cache = kinds
+        return self._layout_cache
+
+    @torch.no_grad()
+    def _score_matrix(self) -> torch.Tensor:
+        """The triplet scores of all layers, [layers, init_r], in the hosts' order.
+
+        A fixed number of kernels whatever the number of layers: s = Ī ⊙ Ū for every parameter
+        in one multi-tensor op, then per group of equally shaped P (or Q) one stack and one mean,
+        one reordering per kind, two adds. Each score is computed as in PEFT, element for element.
+        """
+        if self._sharded():
+            return torch.stack(list(self.triplet_scores().values()))
+        element = torch._foreach_mul(self.sensitivity, self.uncertainty)  # PARAM_KEYS order: Q, Λ, P per layer
+        count = len(self.hosts)
+        lam = torch.stack(element[1::3]).view(count, -1)  # [L, r]
+        means = []
+        for (groups, inverse), offset, dim in zip(self._layout(), (0, 2), (2, 1)):
+            # Q [r, in]: mean over in (dim 2 of the stack); P [out, r]: mean over out (dim 1)
+            parts = [torch.stack([element[3 * i + offset] for i in idx]).mean(dim=dim) for idx in groups]
+            means.append(torch.cat(parts).index_select(0, inverse) if len(parts) > 1 else parts[0])
+        return lam + (means[0] + means[1])
+
     @torch.no_grad()
     def triplet_scores(self) -> dict[str, torch.Tensor]:
-        """path -> the score of each of its ``init_r`` triplets, [init_r]."""
+        """path -> the score of each of its ``init_r`` triplets, [init_r] (one layer at a time;
+        :meth:`mask_to_budget` uses the batched form)."""
         element = [full(s * u) for s, u in zip(self.sensitivity, self.uncertainty)]  # FSDP2: gathered
         out = {}
         for i, path in enumerate(self.hosts):
@@ -146,25 +190,48 @@ class RankAllocator:
         The threshold is the (Σ init_r - budget)-th smallest triplet score; a triplet at or below
         it has its Λ[i] set to 0 and ``rank_pattern[i] = False``.
         """
-        scores = self.triplet_scores()
-        device = next(iter(scores.values())).device
+        scores = self._score_matrix()  # [L, r]
         pruned_count = self.init_budget - budget
         if pruned_count > 0:
             # a 0-dim tensor, not .item(): the comparison below is the same, without a device sync
-            threshold = torch.kthvalue(torch.cat([s.to(device) for s in scores.values()]), k=pruned_count)[0]
+            threshold = torch.kthvalue(scores.view(-1), k=pruned_count)[0]
+            keep = (scores <= threshold).logical_not_()  # not "> threshold": a NaN score is kept, as in PEFT
         else:  # nothing to prune (kthvalue has no 0-th value)
-            threshold = torch.tensor(-float("inf"), device=device)
-        for path, host in self.hosts.items():
-            pruned = scores[path] <= threshold.to(scores[path].device)
-            host.lora_E.masked_fill_(laid_out_like(pruned.view(-1, 1), host.lora_E), 0.0)
-            host.rank_pattern.copy_(~pruned)
+            keep = torch.ones_like(scores, dtype=torch.bool)
+        self._apply_keep(keep)
         self.budget = budget
 
     @torch.no_grad()
     def apply_rank_pattern(self) -> None:
         """Zero Λ where the fixed ``rank_pattern`` is False (the final phase, after each step)."""
-        for host in self.hosts.values():
-            host.lora_E.masked_fill_(laid_out_like(~host.rank_pattern.view(-1, 1), host.lora_E), 0.0)
+        if self._sharded():
+            for host in self.hosts.values():
+                host.lora_E.masked_fill_(laid_out_like(~host.rank_pattern.view(-1, 1), host.lora_E), 0.0)
+            return
+        patterns = [host.rank_pattern for host in self.hosts.values()]
+        self._zero_lambda(torch.stack(patterns))
+
+    def _apply_keep(self, keep: torch.Tensor) -> None:
+        """Λ[i] = 0 and ``rank_pattern[i] = False`` where ``keep`` [L, r] (bool) is False."""
+        hosts = list(self.hosts.values())
+        if self._sharded():
+            for host, row in zip(hosts, keep):
+                host.lora_E.masked_fill_(laid_out_like(~row.view(-1, 1), host.lora_E), 0.0)
+                host.rank_pattern.copy_(row)
+            return
+        self._zero_lambda(keep)
+        torch._foreach_copy_([host.rank_pattern for host in hosts], list(keep.to(hosts[0].rank_pattern.device)))
+
+    def _zero_lambda(self, keep: torch.Tensor) -> None:
+        """Λ ← 0 where ``keep`` [L, r] is False, for all layers in two multi-tensor kernels.
+
+        Λ·1 = Λ and Λ·0 = ±0, and ±0 + 0.0 = +0.0: PEFT's ``masked_fill_(~keep, 0.0)`` bit for bit
+        (for finite Λ; an infinite or NaN Λ, a diverged run, stays NaN here).
+        """
+        lambdas = [host.lora_E for host in self.hosts.values()]
+        factors = keep.to(device=lambdas[0].device, dtype=lambdas[0].dtype).unsqueeze(-1)  # [L, r, 1]
+        torch._foreach_mul_(lambdas, list(factors.unbind(0)))
+        torch._foreach_add_(lambdas, 0.0)
 
 
 def adalora_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -22,16 +22,23 @@ from .sharding import full
 
 
 def orthogonality(hosts: Iterable[nn.Module]) -> torch.Tensor:
-    """Mean over the layers' Q [r, in] and P [out, r] of ‖QQᵀ - I_r‖_F and ‖PᵀP - I_r‖_F (a 0-dim tensor)."""
+    """Mean over the layers' Q [r, in] and P [out, r] of ‖QQᵀ - I_r‖_F and ‖PᵀP - I_r‖_F (a 0-dim tensor).
+
+    Q's are stacked as they are ([L, r, in], Gram = S Sᵀ) and P's too ([L, out, r], Gram = SᵀS):
+    no per-layer transpose, one stack, one batched matmul, one subtraction and one norm per shape.
+    """
     groups: dict[tuple, list[torch.Tensor]] = {}
     for host in hosts:
-        for m in (full(host.lora_A), full(host.lora_B).t()):  # both [r, d] (FSDP2: gathered)
-            groups.setdefault((tuple(m.shape), m.device, m.dtype), []).append(m)
+        for key in ("lora_A", "lora_B"):
+            m = full(getattr(host, key))  # FSDP2: gathered
+            groups.setdefault((key, tuple(m.shape), m.device, m.dtype), []).append(m)
     norms = []
-    for (shape, device, dtype), mats in groups.items():
-        stacked = torch.stack(mats)                                        # [L, r, d]
-        gram = stacked @ stacked.transpose(1, 2)                           # [L, r, r]
-        eye = torch.eye(shape[0], dtype=dtype, device=device)
-        norms.append(torch.linalg.matrix_norm(gram - eye))                 # [L] Frobenius norms
+    for (key, shape, device, dtype), mats in groups.items():
+        stacked = torch.stack(mats)                                        # [L, r, in] or [L, out, r]
+        if key == "lora_A":
+            gram, r = stacked @ stacked.transpose(1, 2), shape[0]          # Q Qᵀ [L, r, r]
+        else:
+            gram, r = stacked.transpose(1, 2) @ stacked, shape[1]          # Pᵀ P [L, r, r]
+        norms.append(torch.linalg.matrix_norm(gram - torch.eye(r, dtype=dtype, device=device)))  # [L]
     device = norms[0].device
     return torch.cat([n.to(device) for n in norms]).mean()

@@ -45,6 +45,7 @@ class AdaLora(Update):
             raise ValueError(f"init_r = {r} exceeds the layer's smaller dimension ({min(out_f, in_f)})")
         self.init_r = r
         self.scale = scale_of(options)
+        self._scale_tensors: dict[tuple, torch.Tensor] = {}
         host.register_parameter("lora_A", nn.Parameter(torch.empty(r, in_f)))
         host.register_parameter("lora_E", nn.Parameter(torch.zeros(r, 1)))
         host.register_parameter("lora_B", nn.Parameter(torch.empty(out_f, r)))
@@ -61,7 +62,18 @@ class AdaLora(Update):
         if x.dtype != a.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(a.dtype)
         x = self.host.lora_dropout(x)
-        return nn.functional.linear(nn.functional.linear(x, a * (e * self.scale)), b)
+        return nn.functional.linear(nn.functional.linear(x, a * (e * self._scale_like(e))), b)
+
+    def _scale_like(self, e: torch.Tensor) -> torch.Tensor:
+        """c as a 0-dim tensor of Λ's dtype and device, made once: multiplying by a Python float
+        wraps and casts it on every call (three more dispatches, forward and backward, per layer);
+        the product is the same, c being rounded to Λ's dtype either way."""
+        key = (e.device, e.dtype)
+        scale = self._scale_tensors.get(key)
+        if scale is None:
+            with torch.inference_mode(False):  # made in an inference-mode forward, it must still serve training
+                scale = self._scale_tensors[key] = torch.tensor(self.scale, dtype=e.dtype, device=e.device)
+        return scale
 
     def factors(self):
         """(L [out, r], R [r, in]) = (P diag(Λ) c, Q); masked triplets have Λ = 0, so zero columns of L."""
