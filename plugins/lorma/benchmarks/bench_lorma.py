@@ -45,6 +45,8 @@ METHODS = {
     "lorma-pi-weight": {"method": "lorma", "inflation": "pi", "pi_path": "weight"},
     # the same path with W* rebuilt in backward instead of kept (modapt_lorma.update.RECOMPUTE_WEIGHT)
     "lorma-pi-weight-recompute": {"method": "lorma", "inflation": "pi", "pi_path": "weight"},
+    # the same path with T and W* built in the base's dtype (weight_path.BUILD_IN_BASE_DTYPE; bf16 on CUDA)
+    "lorma-pi-weight-basedtype": {"method": "lorma", "inflation": "pi", "pi_path": "weight"},
     "lorma-pi-auto": {"method": "lorma", "inflation": "pi", "pi_path": "auto"},
 }
 DEFAULT_METHODS = ["lora", "lorma-pi-direct", "lorma-pi-weight", "lorma-pi-weight-recompute"]
@@ -98,7 +100,10 @@ def one(method: str, out_f: int, in_f: int, tokens: int, r: int, device: torch.d
     import modapt
     from modapt_lorma import update
 
+    from modapt_lorma import weight_path
+
     update.RECOMPUTE_WEIGHT = method.endswith("-recompute")
+    weight_path.BUILD_IN_BASE_DTYPE = method.endswith("-basedtype")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(in_f, out_f)).to(device=device, dtype=dtype)
     entry = {**METHODS[method], "targets": ["0"], "r": r, "lora_alpha": float(r)}

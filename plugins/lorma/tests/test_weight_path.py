@@ -275,3 +275,25 @@ def test_autocast_matches_direct(registry):
         outs[path] = (out.float(), x.grad, net[0].lorma_A.grad, net[0].lorma_B.grad)
     for u, v in zip(outs["weight"], outs["direct"]):
         torch.testing.assert_close(u, v, rtol=5e-2, atol=5e-2 * v.abs().max().item())
+
+
+def test_build_in_base_dtype_switch_stays_close_to_fp32_build(registry, monkeypatch):
+    """The experiment switch: T and W* in the bf16 base's dtype; same W within bf16 rounding."""
+    from modapt_lorma import weight_path
+
+    outs = []
+    for switch in (False, True):
+        monkeypatch.setattr(weight_path, "BUILD_IN_BASE_DTYPE", switch)
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(32, 48)).to(torch.bfloat16)
+        modapt.apply(net, {"adapter": [{"method": "lorma", "targets": ["0"], "r": 4, "inflation": "pi",
+                                        "pi_path": "weight"}]}, registry=registry)
+        randomise(net[0])
+        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).requires_grad_()
+        out = net(x)
+        out.float().pow(2).sum().backward()
+        assert out.dtype == torch.bfloat16 and net[0].lorma_A.grad.dtype == torch.float32
+        outs.append((out.float(), x.grad.float(), net[0].lorma_A.grad, net[0].lorma_B.grad))
+    assert not torch.equal(outs[0][0], outs[1][0])  # the switch changes the rounding
+    for u, v in zip(*outs):
+        torch.testing.assert_close(u, v, rtol=3e-2, atol=3e-2 * v.abs().max().item())
