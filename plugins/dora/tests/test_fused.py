@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 
-import pytest
-import torch
-
 import modapt
 import modapt.lora
 import modapt_dora.fused
 import modapt_dora.plugin
+import pytest
+import torch
 from modapt.testing import tiny_gpt2, tiny_inputs, tiny_llama
 from modapt.testing.conformance import model_output, perturb
 

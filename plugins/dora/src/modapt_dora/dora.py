@@ -21,10 +21,9 @@ without active dropout runs as one autograd node (:mod:`modapt_dora.fused`).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from modapt import Options, Reparam, layers
 from modapt.lora import Lora
+from torch import nn
 
 from .fused import DoraLora
 from .norm import BaseRowNormCache, direct_factor_norm, direct_is_cheaper, direct_row_norm, factored_row_norm

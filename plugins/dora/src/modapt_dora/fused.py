@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import torch
 
-
 _PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
 _ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
