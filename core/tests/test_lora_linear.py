@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
 import modapt
 import modapt.lora
+import pytest
+import torch
 from modapt.lora_linear import LoraLinear
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 
 def adapted(base: nn.Module, r=4, alpha=8.0, dropout=0.0, seed=0):

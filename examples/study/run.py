@@ -22,9 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import modapt
+import torch
 from modapt import embedded, text_data
 from modapt.trainer import TrainConfig, evaluate
 

@@ -20,7 +20,6 @@ from .lora_linear import LoraLinear
 from .methods import Capabilities, Method, Options
 from .update import Update
 
-
 # base layer classes whose forward is exactly x W0ᵀ + b (subclasses may do more)
 _PLAIN_LAYERS = (nn.Linear,) + ((layers.Conv1D,) if layers.Conv1D is not None else ())
 

@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from modapt.testing.memory import peak_bytes
 from torch import nn
 
 
@@ -42,28 +43,6 @@ def parse():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def peak_bytes(fn, device) -> int:
-    """Peak bytes allocated by ``fn()`` above the allocation at its start."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:  # allocations (+) and frees (-) in time order
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def timed(fn, device) -> float:

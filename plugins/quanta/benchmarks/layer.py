@@ -26,6 +26,7 @@ import modapt
 import modapt.lora
 import modapt_quanta.plugin
 import torch
+from modapt.testing.memory import peak_bytes
 from modapt_quanta.circuit import apply_circuit
 from torch import nn
 
@@ -63,28 +64,6 @@ def layers(out_f, in_f, device, dtype, registry, depth=1):
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def peak_bytes(fn, device) -> int:
-    """Peak bytes allocated by ``fn()`` above the allocation at its start."""
-    if device.type == "cuda":
-        sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - start
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:  # allocations (+) and frees (-) in time order
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 def saved_bytes(model, x, autocast) -> int:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import torch
-
 from . import term
 from .attention_map import current_map
 
