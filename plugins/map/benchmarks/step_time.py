@@ -24,9 +24,9 @@ import argparse
 import statistics
 import time
 
-import torch
-
 import modapt
+import torch
+from modapt.testing.memory import peak_bytes
 
 SIZES = {  # LlamaConfig fields
     "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -52,21 +52,6 @@ def build(size: str, device: torch.device, dtype: torch.dtype):
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak of (bytes allocated − bytes freed) while ``fn()`` runs, from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return peak
 
 
 class Run:
@@ -99,13 +84,7 @@ class Run:
 
 def peak_step_bytes(run: Run, device) -> int:
     """Memory allocated during one step above what was allocated before it."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        run.step()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    return cpu_peak_bytes(run.step)
+    return peak_bytes(run.step, device)
 
 
 def measure(entries: dict[str, dict], args, device, dtype) -> dict[str, dict[str, float]]:
