@@ -140,11 +140,21 @@ def synchronize(device: str) -> None:
 
 
 def measure(name: str, setup: Setup, warmup: int) -> dict | None:
+    """One method's figures. ``peak_gib`` counts only what this method allocated (its model
+    included): the memory still allocated when it starts, ``leftover_gib``, is subtracted. An
+    adapted model holds reference cycles (a host and its update point at each other), so the
+    previous method's model can outlive it until the garbage collector runs; collected here
+    first, and reported if anything still remains."""
+    gc.collect()
+    if setup.device == "cuda":
+        torch.cuda.empty_cache()
+    leftover = torch.cuda.memory_allocated() if setup.device == "cuda" else 0
     total = warmup + setup.steps
     prepared = prepare(name, setup, total)
     if prepared is None:
         return None
     model, before, after = prepared
+    del prepared
     import modapt
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -172,7 +182,7 @@ def measure(name: str, setup: Setup, warmup: int) -> dict | None:
         synchronize(setup.device)
         if step >= warmup:
             times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if setup.device == "cuda" else None
+    peak = (torch.cuda.max_memory_allocated() - leftover) / 2**30 if setup.device == "cuda" else None
     model.eval()
     with torch.no_grad(), autocast:
         infer = _latency(lambda: model(input_ids=ids), setup.device, max(3, setup.steps // 2))
@@ -185,8 +195,8 @@ def measure(name: str, setup: Setup, warmup: int) -> dict | None:
     result = {"method": name, "step_ms": statistics.median(times) * 1000,
               "tokens_per_s": setup.batch * setup.seq / statistics.median(times),
               "peak_gib": peak, "trainable": sum(p.numel() for p in params),
-              "infer_ms": infer, "infer_merged_ms": merged}
-    del model, optimizer, params
+              "infer_ms": infer, "infer_merged_ms": merged, "leftover_gib": leftover / 2**30}
+    del model, optimizer, params, before, after  # the hooks' closures hold the model too
     gc.collect()
     if setup.device == "cuda":
         torch.cuda.empty_cache()
