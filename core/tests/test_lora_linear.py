@@ -131,3 +131,25 @@ def test_merge_equals_the_one_node_forward():
         modapt.merge(model, unload=False)
         merged = model(x)
     torch.testing.assert_close(merged, live, rtol=1e-5, atol=1e-5)
+
+
+def test_called_plainly():
+    """Only a plain Linear/Conv1D without hooks may be computed by hand inside a fused node."""
+    from modapt import layers
+
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    hooked = nn.Linear(4, 3)
+    hooked.register_forward_pre_hook(lambda m, i: None)
+    assert layers.called_plainly(nn.Linear(4, 3)) and layers.called_plainly(Conv1D(3, 4))
+    assert not layers.called_plainly(Scaled(4, 3))
+    assert not layers.called_plainly(hooked)
+    assert not layers.called_plainly(nn.Embedding(5, 3))
+    model = adapted(Scaled(12, 10))  # the subclass's own forward runs: its output is doubled
+    x = torch.randn(2, 12)
+    host = model.proj
+    expected = 2 * host.base_layer.__class__.__mro__[1].forward(host.base_layer, x)
+    expected = expected + 2.0 * x @ host.lora_A.weight.t() @ host.lora_B.weight.t()
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)

@@ -18,6 +18,9 @@ except ImportError:  # pragma: no cover
     Conv1D = None
 
 
+_PLAIN_LAYERS = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """``"linear"``, ``"conv1d"``, ``"embedding"``, or ``None`` for a module no weight adapter wraps."""
     if isinstance(module, nn.Linear):
@@ -27,6 +30,17 @@ def layer_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.Embedding):
         return "embedding"
     return None
+
+
+def called_plainly(module: nn.Module) -> bool:
+    """True when ``module(x)`` is exactly ``x W0ᵀ + b``, so a fused adapter may compute it by hand.
+
+    An ``nn.Linear`` or ``Conv1D`` itself (a subclass may do more in its forward) with no forward
+    hooks or pre-hooks (accelerate's offloading, user hooks): anything else must be called as
+    the module it is.
+    """
+    return (type(module) in _PLAIN_LAYERS and not module._forward_hooks
+            and not module._forward_pre_hooks)
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:

@@ -18,10 +18,8 @@ from . import layers
 from .hookspecs import hookimpl
 from .lora_linear import LoraLinear
 from .methods import Capabilities, Method, Options
+from .tracing import tracing
 from .update import Update
-
-# base layer classes whose forward is exactly x W0ᵀ + b (subclasses may do more)
-_PLAIN_LAYERS = (nn.Linear,) + ((layers.Conv1D,) if layers.Conv1D is not None else ())
 
 
 class LoraOptions(Options):
@@ -75,9 +73,9 @@ class Lora(Update):
         module path). Anything else (a float32 adapter on a bf16 base without autocast,
         accelerate's offload hooks on the base, ...) returns ``None``: the module path.
         """
-        if args or kwargs or self.is_embedding or type(base_layer) not in _PLAIN_LAYERS:
+        if args or kwargs or self.is_embedding or not layers.called_plainly(base_layer):
             return None
-        if base_layer._forward_hooks or base_layer._forward_pre_hooks or base_layer.weight.requires_grad:
+        if base_layer.weight.requires_grad or tracing():
             return None
         host = self.host
         if host.training and not isinstance(host.lora_dropout, nn.Identity):
@@ -91,8 +89,6 @@ class Lora(Update):
         elif x.dtype == base_layer.weight.dtype == a.dtype == b.dtype:
             dtype = x.dtype
         else:
-            return None
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
             return None
         bias = base_layer.bias
         if bias is not None and bias.requires_grad:

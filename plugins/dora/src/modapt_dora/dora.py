@@ -47,8 +47,7 @@ class Dora(Reparam):
         self._w0_sq = BaseRowNormCache()
         # LoRA on a linear (or Conv1D) layer takes the fused path (modapt_dora.fused) when no
         # dropout acts; anything else (embeddings, other updates, dropout) the general one
-        self._fusable = (type(update) is Lora and not update.is_embedding
-                         and layers.layer_kind(base) in ("linear", "conv1d"))
+        self._fusable = type(update) is Lora and not update.is_embedding
         with torch.no_grad():
             w0 = layers.weight_of(base).float()
             magnitude = direct_row_norm(w0, update.delta_weight(w0))
@@ -100,9 +99,10 @@ class Dora(Reparam):
 
     def _fused_forward(self, x):
         """The whole layer as one :class:`~modapt_dora.fused.DoraLora` node, or ``None`` when
-        the general path must run (dropout active, hooks on the base layer, mixed dtypes)."""
+        the general path must run (dropout active, a base layer not called plainly (hooks, a
+        subclass), mixed dtypes)."""
         base = self.base_layer
-        if base._forward_hooks or base._forward_pre_hooks or self._active_dropout() is not None:
+        if not layers.called_plainly(base) or self._active_dropout() is not None:
             return None
         w0 = layers.weight_of(base)
         device = w0.device.type

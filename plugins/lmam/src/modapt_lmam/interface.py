@@ -26,6 +26,8 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from modapt.tracing import tracing
+
 from . import term
 from .attention_map import current_map
 
@@ -103,7 +105,7 @@ def _make_attention(base: str):
         added = term.block_weights(blk, heads, spec.nonnegative == "softmax")
         values = term.block_values(value, blk)
         output = term.add_rows(output, term.apply_weights(added, values), spec.align)
-        if weights is not None and not term.tracing() and weights.dim() == 4 and weights.shape[-1] == length:
+        if weights is not None and not tracing() and weights.dim() == 4 and weights.shape[-1] == length:
             weights = term.add_to_weights(weights, added, blk, q)
         return output, weights
 
@@ -115,7 +117,7 @@ def _make_mask(base: str):
     from transformers import masking_utils
 
     def lmam_mask(*args, **kwargs):
-        if term.tracing() and not base.startswith("flash"):
+        if tracing() and not base.startswith("flash"):
             # a graph must not depend on whether the sample batch was padded: always a 4D mask
             kwargs.pop("allow_is_causal_skip", None)
             kwargs["allow_is_bidirectional_skip"] = False

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from modapt.tracing import tracing
 
 
 @dataclass(frozen=True)
@@ -135,13 +136,11 @@ def add_rows(output: torch.Tensor, term: torch.Tensor, align: str) -> torch.Tens
         # eager, the block inside the queries: no padding rows needed. Without autograd the
         # base's fresh output takes the term in place (no copy); with it, one copy (the base
         # attention's backward may need its own output unchanged)
-        rows = slice(0, n) if align == "head" else slice(q - n, q)
+        first = 0 if align == "head" else q - n
         if not torch.is_grad_enabled() or not (output.requires_grad or term.requires_grad):
-            output[:, rows] += term
+            output[:, first:first + n] += term
             return output
-        if align == "tail":
-            return torch.cat([output[:, :q - n], output[:, q - n:] + term], dim=1)
-        return torch.cat([output[:, :n] + term, output[:, n:]], dim=1)
+        return torch.cat([output[:, :first], output[:, first:first + n] + term, output[:, first + n:]], dim=1)
     # the general form: graphs (export, compile) keep one shape-independent path
     zeros = output.new_zeros(batch, n, heads, dim)
     if align == "tail":
@@ -149,11 +148,6 @@ def add_rows(output: torch.Tensor, term: torch.Tensor, align: str) -> torch.Tens
         return torch.cat([extended[:, :q], extended[:, q:] + term], dim=1).narrow(1, n, q)
     extended = torch.cat([output, zeros], dim=1)  # rows 0..n-1 are the first n queries
     return torch.cat([extended[:, :n] + term, extended[:, n:]], dim=1).narrow(1, 0, q)
-
-
-def tracing() -> bool:
-    """True under torch.export / torch.onnx.export(dynamo=True), torch.compile and jit tracing."""
-    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing())
 
 
 def add_to_weights(attn_weights: torch.Tensor, weights: torch.Tensor, blk: Block, q: int) -> torch.Tensor:
