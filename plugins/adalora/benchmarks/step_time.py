@@ -22,9 +22,9 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 
 import torch
+from modapt.testing.step_timing import time_steps
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -97,11 +97,6 @@ def score_bytes(model, library) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(library, method, args, device, dtype):
     model = build_model(args, device, dtype)
     model, params, loss_extra, after_step = adapt(model, library, method, args)
@@ -122,19 +117,7 @@ def run(library, method, args, device, dtype):
         optimizer.zero_grad(set_to_none=True)
         counter["step"] += 1
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    times, peak = time_steps(step, device, args.warmup, args.steps)
     return {"time": statistics.median(times), "peak": peak, "scores": score_bytes(model, library)}
 
 

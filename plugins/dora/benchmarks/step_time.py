@@ -21,9 +21,9 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
-import time
 
 import torch
+from modapt.testing.step_timing import time_steps
 
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads, vocab
@@ -97,11 +97,6 @@ class SavedActivations:
         return sum(self.storages.values())
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run(library, method, args, device, dtype):
     model = build_model(args, device, dtype)
     model, params = adapt(model, library, method, args)
@@ -121,19 +116,7 @@ def run(library, method, args, device, dtype):
         optimizer.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(args.steps):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    times, peak = time_steps(step, device, args.warmup, args.steps)
     counter = SavedActivations(model)
     step(counter)
     result = {"time": statistics.median(times) if times else float("nan"), "peak": peak, "saved": counter.bytes}
@@ -185,7 +168,6 @@ def main(argv=None):
              "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     import peft
     import transformers
-
     from modapt_dora.norm import split_product_available
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}; "

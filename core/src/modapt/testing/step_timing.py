@@ -48,6 +48,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def time_steps(step: Callable[[], object], device: torch.device, warmup: int,
+               steps: int) -> tuple[list[float], int | None]:
+    """Run ``step()`` ``warmup`` times, then time ``steps`` calls, CUDA-synchronised.
+
+    Returns the seconds of each timed call and the peak bytes allocated during them (CUDA
+    ``max_memory_allocated`` after a reset; ``None`` on other devices).
+    """
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return times, peak
+
+
 def measure(model, args, device: torch.device) -> tuple[float, float, int]:
     """(mean step seconds after warm-up, peak GiB on CUDA or NaN, trainable parameter count)."""
     params = list(modapt.trainable_parameters(model).values())
