@@ -7,13 +7,15 @@ did is kept on the model as ``model.modapt_state`` (an :class:`AdapterState`), w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import layers, targets as targets_mod
+from . import layers
+from . import targets as targets_mod
 from .adapted_layer import AdaptedLayer
 from .attachment import Attachment
 from .errors import ModaptError, PluginError, RecipeError, StateError, TargetError
@@ -144,8 +146,6 @@ def _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtyp
     try:
         if method.family in WEIGHT_FAMILIES:
             host = AdaptedLayer(module)
-            update_spec = spec if method.family == "update" else spec.update
-            update_method = registry.method(update_spec.method)
 
             def place_new() -> None:
                 _place(host, [p for n, p in host.named_parameters() if not n.startswith("base_layer.")],
@@ -153,20 +153,9 @@ def _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtyp
                        module.weight, autocast_adapter_dtype)
 
             # built on the base's device (a 1B model on the GPU need not round-trip its adapters
-            # through the CPU), and the update is placed before a reparam reads it: DoRA's
-            # magnitude init multiplies the update's factors with W0
+            # through the CPU)
             with torch.device(module.weight.device):
-                update = update_method.build(host, update_spec.options)
-                update.method_name = update_spec.method
-                place_new()
-                if method.family == "reparam":
-                    reparam = method.build(host, spec.options, update)
-                    reparam.method_name = spec.method
-                else:
-                    reparam = Additive(host, None, update)
-                    reparam.method_name = "additive"
-                host.update, host.reparam = update, reparam
-                place_new()
+                build_weight_adapter(host, spec, registry, place=place_new)
             host.train(module.training)  # new submodules (dropout) follow the layer's mode
             _set_submodule(model, path, host)
             state.layers[path] = host
@@ -190,6 +179,32 @@ def _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtyp
     except Exception as exc:  # a bug in a plugin: say whose, the caller restores the model
         raise PluginError(f"plugin '{method.plugin}' ({method.distribution}) failed to build '{spec.method}' on "
                           f"'{path}': {type(exc).__name__}: {exc}") from exc
+
+
+def build_weight_adapter(host: AdaptedLayer, spec: AdapterSpec, registry: Registry,
+                         place: Callable[[], None] | None = None) -> None:
+    """Build ``spec``'s update on ``host`` and the reparam around it (``additive`` for a bare update),
+    and set ``host.update`` / ``host.reparam``. ``ValueError`` from a method's build propagates.
+
+    ``place()``, when given, runs after each build: the update's new tensors must sit where the
+    base is before a reparam reads them (DoRA's magnitude init multiplies the update's factors
+    with W0).
+    """
+    method = registry.method(spec.method)
+    update_spec = spec if method.family == "update" else spec.update
+    update = registry.method(update_spec.method).build(host, update_spec.options)
+    update.method_name = update_spec.method
+    if place is not None:
+        place()
+    if method.family == "reparam":
+        reparam = method.build(host, spec.options, update)
+        reparam.method_name = spec.method
+    else:
+        reparam = Additive(host, None, update)
+        reparam.method_name = "additive"
+    host.update, host.reparam = update, reparam
+    if place is not None:
+        place()
 
 
 def _place(owner: nn.Module, params, buffers, reference: torch.Tensor, autocast_adapter_dtype: bool) -> None:

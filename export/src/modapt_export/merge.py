@@ -26,14 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from torch import nn
-
 import modapt
-from modapt import AdaptedLayer, Additive, ModaptError, layers
+import torch
+from modapt import AdaptedLayer, ModaptError, layers
+from modapt.apply import build_weight_adapter
 from modapt.fingerprint import fingerprint, first_mismatch
 from modapt.recipe import AdapterSpec, Recipe, parse_recipe
 from modapt.registry import Registry, default_registry
+from torch import nn
 
 from .shards import INDEX_NAME, PICKLE_WEIGHTS, Checkpoint, CheckpointError, TensorEntry, write_shard
 
@@ -177,21 +177,11 @@ def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Re
     for name, _ in list(module.named_parameters(recurse=False)):
         setattr(module, name, nn.Parameter(get(f"{plan.path}.{name}"), requires_grad=False))
     host = AdaptedLayer(module)
-    spec = plan.spec
-    method = registry.method(spec.method)
-    update_spec = spec if method.family == "update" else spec.update
     try:
-        update = registry.method(update_spec.method).build(host, update_spec.options)
-        update.method_name = update_spec.method
-        if method.family == "reparam":
-            reparam = method.build(host, spec.options, update)
-            reparam.method_name = spec.method
-        else:
-            reparam = Additive(host, None, update)
-            reparam.method_name = "additive"
+        build_weight_adapter(host, plan.spec, registry)
     except ValueError as exc:
         raise MergeError(f"cannot rebuild the adapter of '{plan.path}': {exc}") from None
-    host.update, host.reparam = update, reparam
+    update = host.update
     host.eval()
     targets = {n: p for n, p in host.named_parameters() if not n.startswith("base_layer.")}
     targets.update(update.extra_state())
@@ -199,7 +189,7 @@ def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Re
     extra = sorted(set(plan.tensors) - set(targets))
     if missing or extra:
         what = f"missing '{plan.path}.{missing[0]}'" if missing else f"unexpected '{plan.path}.{extra[0]}'"
-        raise MergeError(f"the adapter tensors do not fit the recipe's '{spec.method}' on '{plan.path}': {what}")
+        raise MergeError(f"the adapter tensors do not fit the recipe's '{plan.spec.method}' on '{plan.path}': {what}")
     with torch.no_grad():
         for name, target in targets.items():
             got = plan.tensors[name]
