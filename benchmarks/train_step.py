@@ -204,15 +204,11 @@ def measure(name: str, setup: Setup, warmup: int) -> dict | None:
 
 
 def _latency(fn: Callable, device: str, repeats: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append((time.perf_counter() - start) * 1000)
-    return statistics.median(samples)
+    """Median milliseconds of ``fn()`` after one warm-up call."""
+    from modapt.testing.step_timing import time_steps
+
+    seconds, _ = time_steps(fn, torch.device(device), 1, repeats)
+    return statistics.median(seconds) * 1000
 
 
 def table(results: list[dict]) -> str:

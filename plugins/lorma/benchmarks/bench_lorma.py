@@ -32,9 +32,9 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from modapt.testing.step_timing import time_steps
 from torch import nn
 
 METHODS = {
@@ -98,9 +98,7 @@ def one(method: str, out_f: int, in_f: int, tokens: int, r: int, device: torch.d
         repeats: int, autocast: bool = False) -> dict:
     """Step time and memory of one configuration (run in a child process)."""
     import modapt
-    from modapt_lorma import update
-
-    from modapt_lorma import weight_path
+    from modapt_lorma import update, weight_path
 
     update.RECOMPUTE_WEIGHT = method.endswith("-recompute")
     weight_path.BUILD_IN_BASE_DTYPE = method.endswith("-basedtype")
@@ -130,17 +128,11 @@ def one(method: str, out_f: int, in_f: int, tokens: int, r: int, device: torch.d
     sync(device)
     saved = saved_bytes(forward, params)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        step()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
+    seconds, cuda_peak = time_steps(step, device, 0, repeats)  # resets the CUDA peak first
+    times = [t * 1e3 for t in seconds]
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) - before
+        peak = cuda_peak - before
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     return {"median_ms": statistics.median(times), "min_ms": min(times), "saved_mib": saved / 2**20,
@@ -236,15 +228,8 @@ def fft_table(dims, token_counts, r, device, dtype, repeats, autocast=False):
                     out.float().pow(2).mean().backward()
                     a.grad = b.grad = None
 
-                step()
-                times = []
-                for _ in range(repeats):
-                    sync(device)
-                    t0 = time.perf_counter()
-                    step()
-                    sync(device)
-                    times.append((time.perf_counter() - t0) * 1e3)
-                ms.append(round(statistics.median(times), 3))
+                seconds, _ = time_steps(step, device, 1, repeats)
+                ms.append(round(statistics.median(seconds) * 1e3, 3))
             rows.append((d, r, n, ms[0], ms[1]))
             units = n * r * d * math.log2(d)
             print(f"    ({d}, {r}, {n}, {ms[0]}, {ms[1]}),   # K ≈ {ms[1] / units / (ms[0] / (3 * n * d * d)):.0f}",
