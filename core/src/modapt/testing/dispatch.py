@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import collections
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+
+from .step_timing import time_steps
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,11 +65,6 @@ def build_model(args) -> torch.nn.Module:
     if args.precision == "bf16":
         model.to(torch.bfloat16)
     return model
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 class Runner:
@@ -135,20 +131,12 @@ def main(description: str, methods: list[str], adapt: Adapt, focus: str, setting
           f"batch {args.batch} x {args.seq}, {settings(args)}, {7 * args.layers} adapted layers")
     runners = {m: Runner(m, args, adapt) for m in chosen}
     for runner in runners.values():  # warm-up
-        for _ in range(2):
-            runner.step()
-    sync(args.device)
+        time_steps(runner.step, torch.device(args.device), 2, 0)
     rounds = {m: [] for m in chosen}
     for _ in range(args.rounds):
         for method, runner in runners.items():
-            times = []
-            for _ in range(args.steps):
-                sync(args.device)
-                start = time.perf_counter()
-                runner.step()
-                sync(args.device)
-                times.append(time.perf_counter() - start)
-            rounds[method].append(statistics.median(times))
+            seconds, _ = time_steps(runner.step, torch.device(args.device), 0, args.steps)
+            rounds[method].append(statistics.median(seconds))
     counts = {m: op_counts(r) for m, r in runners.items()}
     model_counts = {m: op_counts(r, optimizer=False) for m, r in runners.items()}
     layers = 7 * args.layers
