@@ -24,6 +24,7 @@ from torch import nn
 from modapt import Reparam, Update
 from modapt import layers
 
+from .factored import MapFactored, compute_dtype
 from .options import MapOptions
 from .output import map_output
 
@@ -77,14 +78,21 @@ class Map(Reparam):
             raise ValueError("init = \"identity\" needs a non-zero update, and this update's ΔW stays 0 when its "
                              "parameters are perturbed; use init = \"paper\"")
 
-    def update_norm(self, w0: torch.Tensor, *, floor: bool = True) -> torch.Tensor:
+    def update_norm(self, w0: torch.Tensor, *, floor: bool = True, factors=None) -> torch.Tensor:
         """max(‖ΔW‖_F, eps) as a 0-dim float32 tensor (differentiable; finite gradient at ΔW = 0).
 
         ``w0`` [out, in] is the base weight as stored (LoRMA-style updates need it). The closed
         form ``update.frobenius_sq`` is used when the update has one; otherwise ΔW is built.
-        The floor is a clamp of ‖ΔW‖² at eps²: below it the gradient is 0, not the 1/0 of √.
+        ``factors`` (L [out, k], R [k, in]), when the caller already has them and the update keeps
+        the contract's default ``frobenius_sq``, give the same closed form without calling
+        ``factors()`` again. The floor is a clamp of ‖ΔW‖² at eps²: below it the gradient is 0,
+        not the 1/0 of √.
         """
-        sq = self.update.frobenius_sq(w0)
+        if factors is not None and type(self.update).frobenius_sq is Update.frobenius_sq:
+            left, right = factors
+            sq = ((left.t() @ left) * (right @ right.t())).sum()
+        else:
+            sq = self.update.frobenius_sq(w0)
         if sq is None:
             sq = self.update.delta_weight(w0).float().square().sum()
         sq = sq.float()
@@ -101,10 +109,20 @@ class Map(Reparam):
         """y [..., out] = a·(W0 x) + b·(ΔW x) + bias, from the base output and the update's thin path.
 
         Written as ``base_out + (a − 1)·(base_out − bias) + …`` so that a = 1, β = 0 gives
-        the base output bit for bit (identity at init); :mod:`modapt_map.output` computes it
-        without storing W0 x for the backward.
+        the base output bit for bit (identity at init). Over a factored update (LoRA, AdaLoRA)
+        on a plain linear layer, one autograd node computes it from the factors
+        (:mod:`modapt_map.factored`: stores x and h = R x only); otherwise the base output and the
+        update's forward are combined by :mod:`modapt_map.output` (stores x and ΔW x).
         """
         base = self.base_layer
+        dtype = None if args or kwargs else compute_dtype(x, self.host, self.update)
+        if dtype is not None:
+            left, right = self.update.factors()
+            w0 = layers.weight_of(base)
+            host = self.host
+            a = host.map_alpha / host.map_w0_norm
+            b = host.map_beta / self.update_norm(w0, factors=(left, right))
+            return MapFactored.apply(x, w0, base.bias, left, right, a, b, dtype)
         base_out = base(x, *args, **kwargs)
         a, b = self.scales(layers.weight_of(base))
         delta_x = self.update.forward(x, base_out, base)

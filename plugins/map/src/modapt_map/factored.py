@@ -1,0 +1,150 @@
+"""MAP over a factored update (ΔW = L R) on a linear layer, as one autograd node.
+
+    y [N, out] = W0 x + bias + (a − 1)·(W0 x) + b·(h Lᵀ),   h = x Rᵀ [N, k]
+
+with x [N, in] (leading dimensions flattened), W0 [out, in] the frozen base weight (canonical:
+GPT-2's Conv1D is read through its transpose), L [out, k] and R [k, in] the update's
+``factors()`` (LoRA: L = s·B, R = A; AdaLoRA: L = P·diag(Λ)·c, R = Q), a = α/‖W0‖_F and
+b = β/‖ΔW‖_F (0-dim float32, computed by the caller: ‖ΔW‖ is the update's closed form, an
+autograd graph of k×k work outside this node).
+
+Why one node. The general path (:mod:`modapt_map.output`) receives u = ΔW x [N, out] from the
+update's forward and has to store it for β's gradient ⟨g, u⟩; over a float32 update on a
+bf16 base, u is also a float32 [N, out] tensor, written, read, cast and read again. With the
+factors in hand, every product MAP's backward needs has a thin form:
+
+* ⟨g, u⟩ = ⟨g L, h⟩, with g L [N, k] the product R's gradient needs anyway;
+* ⟨g, W0 x⟩ = ⟨g W0, x⟩, with g W0 [N, in] the input gradient's own product (as before).
+
+So the node stores only x and h (what LoRA stores) and never forms u.
+
+Forward: 3 GEMMs (W0 x + bias, h = x Rᵀ, and h (b·L)ᵀ accumulated into y by ``addmm_``) and one
+pass over [N, out] (the (a − 1) term, written as a correction so that a = 1, β = 0 is the base
+output bit for bit). Backward: 5 GEMMs (g W0, g L, gᵀ h, (g L)ᵀ x, and (g L)(b·R) accumulated
+into the input gradient), two dot products and one scaling pass over [N, in]; b is folded into
+the k-wide factors, never applied to an [N, ·] tensor.
+
+Dtypes. Every product with an [N, ·] operand runs in one compute dtype ``dtype``: autocast's
+when autocast is on, else the base's (x must then have the base's dtype). The thin operands
+(L, R, b·L, b·R: [out, k], [k, in]) are cast to it, never x, g or the output: over a float32
+update on a bf16 base, this is what autocast would compute (bf16 operands, fp32 accumulation
+inside the GEMMs), and it avoids every float32 [N, out] and [N, in] pass the module path makes
+(casting x up, u, g cast up for the update's backward). The parameter gradients are returned
+in the parameters' dtype and scaled by b there. With one dtype throughout (float32, or a
+model converted whole to bf16) the node computes the same products as the general path, up to
+summation order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modapt import Update, layers
+from modapt.tracing import tracing
+
+from .output import inner
+
+#: Updates whose ``forward(x)`` is exactly ``dropout(x) Rᵀ Lᵀ`` with ``(L, R) = factors()``, whose
+#: factors are cheap (k×in and out×k work) and whose input dropout, if any, is ``host.lora_dropout``.
+#: Named by module and qualified name (no import of the other distributions); a subclass is not
+#: in the set, as it may change the forward.
+FACTORED_UPDATES = frozenset({"modapt.lora.Lora", "modapt_adalora.svd_update.AdaLora"})
+
+
+def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dtype | None:
+    """The dtype the fused node would compute in for input ``x``, or ``None``: the general path.
+
+    Fused when: the graph is not being traced (exports keep the plain path), the base is a plain
+    ``nn.Linear``/``Conv1D`` called as such (:func:`modapt.layers.called_plainly`), frozen, the
+    update is one of :data:`FACTORED_UPDATES`, and its input dropout is inactive (p = 0 or eval
+    mode: with dropout, R's gradient needs the dropped x and the base path the plain one, and
+    storing both would cost more than the general path saves; dropout > 0 in training keeps it).
+    """
+    if not x.is_floating_point() or tracing():
+        return None
+    base = host.base_layer
+    if not layers.called_plainly(base):
+        return None
+    cls = type(update)
+    if f"{cls.__module__}.{cls.__qualname__}" not in FACTORED_UPDATES:
+        return None
+    bias = base.bias
+    if base.weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None
+    dropout = getattr(host, "lora_dropout", None)
+    if dropout is not None and not isinstance(dropout, nn.Identity) and dropout.training:
+        return None
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    if x.dtype != base.weight.dtype:
+        return None
+    return x.dtype
+
+
+class MapFactored(torch.autograd.Function):
+    """``MapFactored.apply(x, w0, bias, left, right, a, b, dtype)`` -> y [..., out].
+
+    x [..., in]; w0 [out, in] (frozen); bias [out] or None (frozen); left L [out, k];
+    right R [k, in]; a, b 0-dim; ``dtype`` the compute dtype (see the module docstring).
+    Gradients flow to x, L, R, a and b.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w0, bias, left, right, a, b, dtype):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)  # cast once, for the base and the update alike; stored cast
+        w0c = w0 if w0.dtype == dtype else w0.to(dtype)
+        bias_c = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+        left_c = left if left.dtype == dtype else left.to(dtype)
+        right_c = right if right.dtype == dtype else right.to(dtype)
+        y = F.linear(x2, w0c, bias_c)  # W0 x + bias: the base layer's output [N, out]
+        # (a − 1) is rounded to the compute dtype, not a: its rounding error then scales the
+        # correction only, and a = 1 adds exactly 0
+        am1 = (a - 1).to(dtype)
+        if bias is None:
+            y.addcmul_(y, am1)
+        else:
+            y = torch.addcmul(y, y - bias_c, am1)
+        h = torch.mm(x2, right_c.t())  # [N, k]
+        scaled_left = left * b
+        y.addmm_(h, (scaled_left if scaled_left.dtype == dtype else scaled_left.to(dtype)).t())
+        ctx.save_for_backward(x2, h, w0c, left_c, right, a, b)
+        ctx.meta = (shape, x.dtype, left.dtype)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x2, h, w0c, left_c, right, a, b = ctx.saved_tensors
+        shape, x_dtype, left_dtype = ctx.meta
+        need_x, _, _, need_left, need_right, need_a, need_b, _ = ctx.needs_input_grad
+        dtype = x2.dtype
+        g = grad.reshape(-1, grad.shape[-1])
+        if g.dtype != dtype:
+            g = g.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # sums of half products accumulate in fp32
+        grad_x = grad_left = grad_right = grad_a = grad_b = None
+        g_left = torch.mm(g, left_c) if (need_x or need_right or need_b) else None  # g L [N, k]
+        if need_b:
+            grad_b = inner(g_left, h, acc).to(b.dtype)  # ⟨g, h Lᵀ⟩ = ⟨g L, h⟩
+        if need_left:
+            grad_left = torch.mm(g.t(), h).to(left_dtype) * b  # b · gᵀ h [out, k]
+        if need_right:
+            grad_right = torch.mm(g_left.t(), x2).to(right.dtype) * b  # b · (g L)ᵀ x [k, in]
+        if need_x or need_a:
+            g_w0 = torch.mm(g, w0c)  # [N, in]: the base path's input gradient before the factor a
+            if need_a:
+                grad_a = inner(g_w0, x2, acc).to(a.dtype)  # ⟨g, W0 x⟩ = ⟨g W0, x⟩
+            if need_x:
+                scaled_right = right * b
+                if scaled_right.dtype != dtype:
+                    scaled_right = scaled_right.to(dtype)
+                grad_x = g_w0.mul_(a.to(dtype)).addmm_(g_left, scaled_right)  # a·g W0 + b·(g L) R
+                grad_x = grad_x.view(shape)
+                if grad_x.dtype != x_dtype:
+                    grad_x = grad_x.to(x_dtype)
+        return grad_x, None, None, grad_left, grad_right, grad_a, grad_b, None
