@@ -52,17 +52,22 @@ from .output import inner
 #: in the set, as it may change the forward.
 FACTORED_UPDATES = frozenset({"modapt.lora.Lora", "modapt_adalora.svd_update.AdaLora"})
 
+#: Switch for measurements (``benchmarks/step_time.py`` runs each method both ways): ``False``
+#: sends every layer through the general path.
+ENABLED = True
+
 
 def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dtype | None:
     """The dtype the fused node would compute in for input ``x``, or ``None``: the general path.
 
     Fused when: the graph is not being traced (exports keep the plain path), the base is a plain
-    ``nn.Linear``/``Conv1D`` called as such (:func:`modapt.layers.called_plainly`), frozen, the
+    ``nn.Linear``/``Conv1D`` called as such (:func:`modapt.layers.called_plainly`) with a frozen weight
+    (the bias may train: its gradient is the sum of g over tokens), the
     update is one of :data:`FACTORED_UPDATES`, and its input dropout is inactive (p = 0 or eval
     mode: with dropout, R's gradient needs the dropped x and the base path the plain one, and
     storing both would cost more than the general path saves; dropout > 0 in training keeps it).
     """
-    if not x.is_floating_point() or tracing():
+    if not ENABLED or not x.is_floating_point() or tracing():
         return None
     base = host.base_layer
     if not layers.called_plainly(base):
@@ -70,8 +75,7 @@ def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dty
     cls = type(update)
     if f"{cls.__module__}.{cls.__qualname__}" not in FACTORED_UPDATES:
         return None
-    bias = base.bias
-    if base.weight.requires_grad or (bias is not None and bias.requires_grad):
+    if base.weight.requires_grad:
         return None
     dropout = getattr(host, "lora_dropout", None)
     if dropout is not None and not isinstance(dropout, nn.Identity) and dropout.training:
@@ -87,9 +91,9 @@ def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dty
 class MapFactored(torch.autograd.Function):
     """``MapFactored.apply(x, w0, bias, left, right, a, b, dtype)`` -> y [..., out].
 
-    x [..., in]; w0 [out, in] (frozen); bias [out] or None (frozen); left L [out, k];
-    right R [k, in]; a, b 0-dim; ``dtype`` the compute dtype (see the module docstring).
-    Gradients flow to x, L, R, a and b.
+    x [..., in]; w0 [out, in] (frozen); bias [out] or None; left L [out, k]; right R [k, in];
+    a, b 0-dim; ``dtype`` the compute dtype (see the module docstring). Gradients flow to x,
+    the bias, L, R, a and b.
     """
 
     @staticmethod
@@ -114,20 +118,22 @@ class MapFactored(torch.autograd.Function):
         scaled_left = left * b
         y.addmm_(h, (scaled_left if scaled_left.dtype == dtype else scaled_left.to(dtype)).t())
         ctx.save_for_backward(x2, h, w0c, left_c, right, a, b)
-        ctx.meta = (shape, x.dtype, left.dtype)
+        ctx.meta = (shape, x.dtype, left.dtype, None if bias is None else bias.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         x2, h, w0c, left_c, right, a, b = ctx.saved_tensors
-        shape, x_dtype, left_dtype = ctx.meta
-        need_x, _, _, need_left, need_right, need_a, need_b, _ = ctx.needs_input_grad
+        shape, x_dtype, left_dtype, bias_dtype = ctx.meta
+        need_x, _, need_bias, need_left, need_right, need_a, need_b, _ = ctx.needs_input_grad
         dtype = x2.dtype
         g = grad.reshape(-1, grad.shape[-1])
         if g.dtype != dtype:
             g = g.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)  # sums of half products accumulate in fp32
-        grad_x = grad_left = grad_right = grad_a = grad_b = None
+        grad_x = grad_bias = grad_left = grad_right = grad_a = grad_b = None
+        if need_bias:
+            grad_bias = g.sum(dim=0, dtype=acc).to(bias_dtype)
         g_left = torch.mm(g, left_c) if (need_x or need_right or need_b) else None  # g L [N, k]
         if need_b:
             grad_b = inner(g_left, h, acc).to(b.dtype)  # ⟨g, h Lᵀ⟩ = ⟨g L, h⟩
@@ -147,4 +153,4 @@ class MapFactored(torch.autograd.Function):
                 grad_x = grad_x.view(shape)
                 if grad_x.dtype != x_dtype:
                     grad_x = grad_x.to(x_dtype)
-        return grad_x, None, None, grad_left, grad_right, grad_a, grad_b, None
+        return grad_x, None, grad_bias, grad_left, grad_right, grad_a, grad_b, None

@@ -19,11 +19,12 @@ from modapt import layers
 
 
 class MapOutput(torch.autograd.Function):
-    """``MapOutput.apply(x, u, a, b, base_out, base_layer)`` -> y; ``base_out`` is detached (a value)."""
+    """``MapOutput.apply(x, u, a, b, base_out, base_layer, bias)`` -> y; ``base_out`` is detached
+    (a value); ``bias`` is the base layer's (or None), an input so that a trainable bias gets
+    its gradient (g summed over tokens)."""
 
     @staticmethod
-    def forward(ctx, x, u, a, b, base_out, base_layer):
-        bias = getattr(base_layer, "bias", None)
+    def forward(ctx, x, u, a, b, base_out, base_layer, bias):
         w0_x = base_out if bias is None else base_out - bias
         dtype = base_out.dtype
         # base_out + (a − 1)·W0x rather than a·W0x + bias: a = 1, β = 0 is the base bit for bit;
@@ -36,6 +37,7 @@ class MapOutput(torch.autograd.Function):
         ctx.save_for_backward(x, u_low, a, b)
         ctx.base_layer = base_layer
         ctx.u_dtype = u.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
@@ -57,9 +59,12 @@ class MapOutput(torch.autograd.Function):
                 grad_x = g_w0.mul_(a.to(g_w0.dtype)).to(x.dtype)
         grad_u = (g * b.to(g.dtype)).to(ctx.u_dtype) if ctx.needs_input_grad[1] else None
         grad_b = inner(g, u_low, acc) if ctx.needs_input_grad[3] else None
+        grad_bias = None
+        if ctx.needs_input_grad[6]:
+            grad_bias = g.reshape(-1, g.shape[-1]).sum(dim=0, dtype=acc).to(ctx.bias_dtype)
         return (grad_x, grad_u,
                 None if grad_a is None else grad_a.to(a.dtype),
-                None if grad_b is None else grad_b.to(b.dtype), None, None)
+                None if grad_b is None else grad_b.to(b.dtype), None, None, grad_bias)
 
 
 def inner(p: torch.Tensor, q: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -76,4 +81,4 @@ def map_output(x: torch.Tensor, u: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     ``base_out`` [..., out] is the base layer's output for ``x``; its own autograd graph (if an
     update used it) is left to the update: here it is a value only.
     """
-    return MapOutput.apply(x, u, a, b, base_out.detach(), base_layer)
+    return MapOutput.apply(x, u, a, b, base_out.detach(), base_layer, getattr(base_layer, "bias", None))

@@ -1,0 +1,289 @@
+"""The one-node MAP over a factored update against the formula written out with explicit matrices.
+
+The reference builds, in float64 from the raw parameters, W0 (as the layer stores it), ΔW = s·B·A
+(LoRA) or B·diag(Λ)·A·c (AdaLoRA) and W* = α·W0/‖W0‖_F + β·ΔW/‖ΔW‖_F, then y = x W*ᵀ + bias,
+and takes its gradients with autograd. The model under test must have taken the fused node
+(its output's ``grad_fn`` is ``MapFactoredBackward``), except where a test asks for the fallback.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import modapt
+from modapt_map.factored import MapFactored, compute_dtype
+
+OUT, IN = 10, 12
+UPDATES = {
+    "lora": {"method": "lora", "r": 4, "lora_alpha": 16.0},
+    "adalora": {"method": "adalora", "init_r": 4, "target_r": 2, "lora_alpha": 16.0, "total_step": 10},
+}
+
+
+@pytest.fixture
+def reg(registry):
+    adalora = pytest.importorskip("modapt_adalora.plugin")
+    registry.register_plugin(adalora, name="adalora", distribution="modapt-adalora")
+    return registry
+
+
+class Holder(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def make(kind: str, bias: bool = True) -> Holder:
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(IN, OUT, bias=bias) if kind == "linear" else Conv1D(OUT, IN)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    return Holder(layer)
+
+
+def adapted(reg, kind: str, update: str, *, dtype=torch.float32, bias=True, **update_options) -> Holder:
+    model = make(kind, bias).to(dtype)
+    recipe = {"adapter": [{"method": "map", "targets": ["layer"], "update": {**UPDATES[update], **update_options}}]}
+    modapt.apply(model, recipe, registry=reg)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # every adapter parameter moved to arbitrary non-zero values
+        for _, p in sorted(modapt.trainable_parameters(model).items()):
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.dim() else 3.0))
+    return model
+
+
+def update_params(host, update: str) -> dict[str, torch.Tensor]:
+    if update == "lora":
+        return {"A": host.lora_A.weight, "B": host.lora_B.weight}
+    return {"A": host.lora_A, "E": host.lora_E, "B": host.lora_B}
+
+
+def reference(model: Holder, kind: str, update: str, x: torch.Tensor, g: torch.Tensor):
+    """(y, {name: gradient}) in float64 from the definition, for output gradient ``g``."""
+    host = model.layer
+    base = host.base_layer
+    leaves = {"x": x.detach().double().requires_grad_(),
+              "alpha": host.map_alpha.detach().double().requires_grad_(),
+              "beta": host.map_beta.detach().double().requires_grad_()}
+    leaves.update({k: v.detach().double().requires_grad_() for k, v in update_params(host, update).items()})
+    w0 = base.weight.detach().double()
+    w0 = w0 if kind == "linear" else w0.t()  # Conv1D stores [in, out]
+    if update == "lora":
+        delta = (16.0 / 4) * leaves["B"] @ leaves["A"]
+    else:
+        delta = leaves["B"] @ (leaves["A"] * leaves["E"]) * (16.0 / (4 + 1e-5))
+    w_star = leaves["alpha"] * w0 / w0.norm() + leaves["beta"] * delta / delta.norm()
+    y = leaves["x"] @ w_star.t()
+    if base.bias is not None:
+        y = y + base.bias.detach().double()
+    grads = torch.autograd.grad(y, list(leaves.values()), g.double())
+    return y.detach(), dict(zip(leaves, grads))
+
+
+def ours(model: Holder, update: str, x: torch.Tensor, g: torch.Tensor):
+    host = model.layer
+    x = x.detach().clone().requires_grad_()
+    y = model(x)
+    assert type(y.grad_fn).__name__ == "MapFactoredBackward", type(y.grad_fn)
+    y.backward(g)
+    grads = {"x": x.grad, "alpha": host.map_alpha.grad, "beta": host.map_beta.grad}
+    grads.update({k: v.grad for k, v in update_params(host, update).items()})
+    return y.detach(), grads
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.double() - want).norm() / want.norm())
+
+
+def inputs(dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(2, 5, IN, generator=gen).to(dtype), torch.randn(2, 5, OUT, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("update", ["lora", "adalora"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_values_and_gradients_follow_the_formula_fp32(reg, kind, update, bias):
+    if kind == "conv1d" and not bias:
+        pytest.skip("Conv1D always has a bias")
+    model = adapted(reg, kind, update, bias=bias)
+    x, g = inputs()
+    y, grads = ours(model, update, x, g)
+    y_ref, want = reference(model, kind, update, x, g)
+    assert y.dtype == torch.float32
+    assert rel_err(y, y_ref) < 1e-6
+    for name, grad in grads.items():
+        assert grad is not None and grad.dtype == torch.float32, name
+        assert rel_err(grad, want[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("update", ["lora", "adalora"])
+def test_bf16_base_with_float32_adapters(reg, kind, update):
+    """bf16 products with fp32 accumulation: the error is bf16 rounding (2⁻⁸), and the fp32
+    parameters get fp32 gradients."""
+    model = adapted(reg, kind, update, dtype=torch.bfloat16)
+    host = model.layer
+    assert host.map_alpha.dtype == torch.float32 and update_params(host, update)["A"].dtype == torch.float32
+    x, g = inputs(torch.bfloat16)
+    y, grads = ours(model, update, x, g)
+    y_ref, want = reference(model, kind, update, x, g)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, y_ref) < 1e-2
+    for name, grad in grads.items():
+        assert grad.dtype == (torch.bfloat16 if name == "x" else torch.float32), name
+        assert rel_err(grad, want[name]) < 2e-2, name
+
+
+def test_autocast_computes_in_its_dtype(reg):
+    """fp32 model under bf16 autocast: fused, bf16 output, fp32 input gradient; close to the formula."""
+    model = adapted(reg, "linear", "lora")
+    x, g = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compute_dtype(x, model.layer, model.layer.update) == torch.bfloat16
+        y, grads = ours(model, "lora", x, g)
+    y_ref, want = reference(model, "linear", "lora", x, g.bfloat16().float())
+    assert y.dtype == torch.bfloat16 and grads["x"].dtype == torch.float32
+    assert rel_err(y, y_ref) < 1e-2
+    for name, grad in grads.items():
+        assert rel_err(grad, want[name]) < 2e-2, name
+
+
+@pytest.mark.parametrize("update", ["lora", "adalora"])
+def test_the_general_path_computes_the_same(reg, update, monkeypatch):
+    """The fused node and the general path (update.forward + MapOutput) agree in fp32."""
+    model = adapted(reg, "linear", update)
+    x, g = inputs()
+    fused, fused_grads = ours(model, update, x, g)
+    for p in modapt.trainable_parameters(model).values():
+        p.grad = None
+    monkeypatch.setattr("modapt_map.reparam.compute_dtype", lambda *a: None)
+    xx = x.clone().requires_grad_()
+    y = model(xx)
+    assert type(y.grad_fn).__name__ == "MapOutputBackward"
+    y.backward(g)
+    torch.testing.assert_close(y, fused, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xx.grad, fused_grads["x"], rtol=1e-5, atol=1e-5)
+    for name, p in update_params(model.layer, update).items():
+        torch.testing.assert_close(p.grad, fused_grads[name], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("update", ["lora", "adalora"])
+def test_dropout_falls_back_in_training_and_fuses_in_eval(reg, update):
+    model = adapted(reg, "linear", update, dropout=0.5)
+    x, g = inputs()
+    model.train()
+    assert compute_dtype(x, model.layer, model.layer.update) is None
+    assert type(model(x.requires_grad_()).grad_fn).__name__ == "MapOutputBackward"
+    model.eval()  # dropout inactive: the update is L R x, fused
+    y, grads = ours(model, update, x, g)
+    y_ref, want = reference(model, "linear", update, x, g)
+    assert rel_err(y, y_ref) < 1e-6
+    for name, grad in grads.items():
+        assert rel_err(grad, want[name]) < 1e-5, name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_trainable_bias_gets_its_gradient(reg, fused, monkeypatch):
+    """The base is frozen by modapt; a bias the user unfreezes still learns, on either path."""
+    if not fused:
+        monkeypatch.setattr("modapt_map.reparam.compute_dtype", lambda *a: None)
+    model = adapted(reg, "conv1d", "lora")
+    bias = model.layer.base_layer.bias.requires_grad_()
+    x, g = inputs()
+    y = model(x)
+    assert (type(y.grad_fn).__name__ == "MapFactoredBackward") == fused
+    y.backward(g)
+    torch.testing.assert_close(bias.grad, g.sum(dim=(0, 1)))
+
+
+def test_subclasses_embeddings_and_extra_arguments_keep_the_general_path(reg):
+    from modapt.lora import Lora
+
+    model = adapted(reg, "linear", "lora")
+    host = model.layer
+    x, _ = inputs()
+    assert compute_dtype(x, host, host.update) == torch.float32
+    host.update.__class__ = type("MyLora", (Lora,), {})
+    assert compute_dtype(x, host, host.update) is None
+    emb = Holder(nn.Embedding(20, OUT))
+    modapt.apply(emb, {"adapter": [{"method": "map", "targets": ["layer"], "update": UPDATES["lora"]}]}, registry=reg)
+    assert compute_dtype(torch.randn(3, 20), emb.layer, emb.layer.update) is None
+
+
+def test_identity_at_init_is_the_base_output_bit_for_bit(reg):
+    for dtype in (torch.float32, torch.bfloat16):
+        base = make("linear").to(dtype)
+        x, _ = inputs(dtype)
+        with torch.no_grad():
+            want = base(x)
+        recipe = {"adapter": [{"method": "map", "targets": ["layer"], "update": UPDATES["lora"]}]}
+        modapt.apply(base, recipe, registry=reg)
+        y = base(x)
+        assert type(y.grad_fn).__name__ == "MapFactoredBackward"
+        assert torch.equal(y.detach(), want), dtype
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradcheck_float64(bias):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 4, IN, generator=gen, dtype=torch.float64, requires_grad=True)
+    w0 = torch.randn(OUT, IN, generator=gen, dtype=torch.float64)
+    b0 = torch.randn(OUT, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    left = torch.randn(OUT, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    right = torch.randn(3, IN, generator=gen, dtype=torch.float64, requires_grad=True)
+    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(-1.4, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, left, right, a, b, *bias_):
+        return MapFactored.apply(x, w0, bias_[0] if bias_ else None, left, right, a, b, torch.float64)
+
+    assert torch.autograd.gradcheck(fn, (x, left, right, a, b) + ((b0,) if bias else ()))
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of ``model(x)``: each storage once, parameters left out."""
+    resident = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in resident:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum().backward()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saves_what_lora_saves_plus_a_constant(reg, dtype, monkeypatch):
+    """LoMAP's saved memory minus LoRA's does not grow with the number of tokens (it is the k-wide
+    factors and the norm's k×k graph); the general path's grows by ΔW x [tokens, out]."""
+    def excess() -> list[int]:
+        diffs = []
+        for tokens in (8, 64):
+            x = torch.randn(tokens, IN).to(dtype)
+            counts = []
+            for adapter in ("lora", "map"):
+                model = make("linear").to(dtype)
+                entry = ({**UPDATES["lora"], "targets": ["layer"]} if adapter == "lora" else
+                         {"method": "map", "targets": ["layer"], "update": UPDATES["lora"]})
+                modapt.apply(model, {"adapter": [entry]}, registry=reg)
+                counts.append(saved_bytes(model, x))
+            diffs.append(counts[1] - counts[0])
+        return diffs
+
+    small, large = excess()
+    assert large <= small  # bf16: LoRA keeps x in float32, the node keeps the bf16 x: smaller
+    assert small <= 4 * OUT * 4 * 4 + 1024  # a few k-wide [out, k] tensors and O(1)
+    monkeypatch.setattr("modapt_map.factored.ENABLED", False)
+    small, large = excess()
+    assert large - small >= (64 - 8) * OUT * (2 if dtype == torch.bfloat16 else 4)  # ΔW x [tokens, out]
