@@ -203,14 +203,35 @@ def report(path: Path, out_md: Path | None) -> str:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
 
-            names = [f"{m} r{r}" for (m, r) in sorted(cells, key=lambda k: (k[1], k[0]))]
-            accs = [100 * statistics.mean(x["test_accuracy"] for x in cells[k])
-                    for k in sorted(cells, key=lambda k: (k[1], k[0]))]
-            fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(names)), 3.5))
-            ax.bar(names, accs)
-            ax.set_ylim(min(accs) - 3, max(accs) + 1)
-            ax.set_ylabel("test accuracy %")
-            ax.tick_params(axis="x", rotation=60)
+            # one group per method, one bar per rank (mean over seeds, ± std), every seed as a dot:
+            # a seed that failed (LoRMAπ r = 8) shows as such instead of hiding in a mean
+            methods = sorted({m for m, r in cells if r > 0}, key=lambda m: list(dict.fromkeys(
+                k[0] for k in sorted(cells, key=lambda k: (k[1], k[0])))).index(m))
+            ranks = sorted({r for _, r in cells if r > 0})
+            width = 0.8 / len(ranks)
+            fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(methods)), 3.8))
+            low = 100.0
+            for j, r in enumerate(ranks):
+                xs, means, stds, dots = [], [], [], []
+                for i, m in enumerate(methods):
+                    if (m, r) not in cells:
+                        continue
+                    accs = [100 * x["test_accuracy"] for x in cells[(m, r)]]
+                    xs.append(i + (j - (len(ranks) - 1) / 2) * width)
+                    means.append(statistics.mean(accs))
+                    stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+                    dots += [(xs[-1], a) for a in accs]
+                    low = min(low, *accs)
+                ax.bar(xs, means, width, yerr=stds, capsize=2, label=f"r = {r}")
+                ax.scatter([d[0] for d in dots], [d[1] for d in dots], s=6, color="black", zorder=3)
+            floor = [100 * x["test_accuracy"] for x in cells.get(("head", 0), [])]
+            if floor:
+                ax.axhline(statistics.mean(floor), color="grey", linestyle="--", linewidth=1,
+                           label="head only")
+            ax.set_xticks(range(len(methods)), methods, rotation=30)
+            ax.set_ylim(low - 2, 90)
+            ax.set_ylabel("test accuracy % (dots: seeds)")
+            ax.legend(ncol=len(ranks) + 1, fontsize=8, loc="lower left")
             fig.tight_layout()
             fig.savefig(out_md.with_suffix(".png"), dpi=100)
             plt.close(fig)
