@@ -90,7 +90,10 @@ class Map(Reparam):
         """
         if factors is not None and type(self.update).frobenius_sq is Update.frobenius_sq:
             left, right = factors
-            sq = ((left.t() @ left) * (right @ right.t())).sum()
+            # k×k work in the factors' dtype (float32 adapters): autocast would add four casts
+            # and round the norm, and with it b, to bf16
+            with torch.autocast(left.device.type, enabled=False):
+                sq = ((left.t() @ left) * (right @ right.t())).sum()
         else:
             sq = self.update.frobenius_sq(w0)
         if sq is None:
