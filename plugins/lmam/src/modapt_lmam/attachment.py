@@ -59,12 +59,13 @@ class LmamAttachment(modapt.Attachment):
         """Precompute the constant Attn_s [h_s, n, n] (buffer ``lmam_attn_s``); parameters stay."""
         with torch.no_grad():
             attn_s = attention_map.compute_map(self.module, self.options.scale).detach().clone()
-        self.module._buffers.pop(attention_map.MERGED, None)
+        self.unmerge()
         self.module.register_buffer(attention_map.MERGED, attn_s, persistent=False)
 
     def unmerge(self) -> None:
-        self.module._buffers.pop(attention_map.MERGED, None)
-        self.module._non_persistent_buffers_set.discard(attention_map.MERGED)
+        for name in (attention_map.MERGED, attention_map.GRAPH):  # the export's constant derives from the map
+            self.module._buffers.pop(name, None)
+            self.module._non_persistent_buffers_set.discard(name)
 
     @property
     def merged(self) -> bool:

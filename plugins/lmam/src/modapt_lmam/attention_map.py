@@ -19,8 +19,9 @@ from torch import nn
 WA, WB, W_FULL = "lmam_Wa", "lmam_Wb", "lmam_W"
 PA, PB = "lmam_Pa", "lmam_Pb"
 MERGED = "lmam_attn_s"
+GRAPH = "lmam_graph_map"  # the export's constant (modapt_lmam.graph_term), derived from MERGED
 PARAMETERS = (WA, WB, W_FULL)
-BUFFERS = (PA, PB, MERGED)
+BUFFERS = (PA, PB, MERGED, GRAPH)
 
 
 def positional_term(n: int) -> torch.Tensor:

@@ -26,9 +26,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import torch
 from modapt.tracing import tracing
 
-from . import term
+from . import graph_term, term
 from .attention_map import current_map
 
 PREFIX = "lmam+"
@@ -94,6 +95,9 @@ def _make_attention(base: str):
         q, length, heads = query.shape[2], key.shape[2], query.shape[1]
         if spec.align == "head" and isinstance(length, int) and length - q >= spec.n:
             return forward(module, query, key, value, attention_mask, **kwargs)  # decoding past the map
+        if (base == "sdpa" and spec.nonnegative is False and torch.compiler.is_exporting()
+                and graph_term.applies(module, attention_mask, query, key, kwargs)):
+            return graph_term.attention(module, query, key, value, attention_mask, spec.n, spec.align, **kwargs)
         attn_s = current_map(module, spec.scale)
         if spec.nonnegative is True:
             if attention_mask is None or attention_mask.dim() != 4:
