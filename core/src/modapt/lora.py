@@ -18,7 +18,7 @@ from . import layers
 from .hookspecs import hookimpl
 from .lora_linear import LoraLinear
 from .methods import Capabilities, Method, Options
-from .tracing import tracing
+from .tracing import exporting
 from .update import Update
 
 
@@ -69,13 +69,16 @@ class Lora(Update):
         """W0 x + b + s·B A x as one autograd node (:mod:`modapt.lora_linear`), or ``None``.
 
         Taken for a plain ``nn.Linear`` / ``Conv1D`` base without hooks, a frozen base, no
-        active dropout, under autocast or with one dtype throughout, eagerly (graphs keep the
-        module path). Anything else (a float32 adapter on a bf16 base without autocast,
-        accelerate's offload hooks on the base, ...) returns ``None``: the module path.
+        active dropout, under autocast or with one dtype throughout, eagerly or under
+        torch.compile (dynamo traces the node's forward and backward; inductor then emits fewer
+        kernels than from the module path, about one per layer under autocast: the scale and
+        the sum ride on an addmm); export and jit tracing keep the module path. Anything else
+        (a float32 adapter on a bf16 base without autocast, accelerate's offload hooks on the
+        base, ...) returns ``None``: the module path.
         """
         if args or kwargs or self.is_embedding or not layers.called_plainly(base_layer):
             return None
-        if base_layer.weight.requires_grad or tracing():
+        if base_layer.weight.requires_grad or exporting():
             return None
         host = self.host
         if host.training and not isinstance(host.lora_dropout, nn.Identity):
