@@ -232,20 +232,24 @@ def test_identity_at_init_is_the_base_output_bit_for_bit(reg):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_gradcheck_float64(bias):
+@pytest.mark.parametrize("eps", [1e-6, 1e3])
+def test_gradcheck_float64(bias, eps):
+    """Every input's gradient, with ‖ΔW‖ above the floor eps and below it (eps = 1e3: b = β/eps)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(3, 4, IN, generator=gen, dtype=torch.float64, requires_grad=True)
     w0 = torch.randn(OUT, IN, generator=gen, dtype=torch.float64)
     b0 = torch.randn(OUT, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
     left = torch.randn(OUT, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     right = torch.randn(3, IN, generator=gen, dtype=torch.float64, requires_grad=True)
-    a = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
-    b = torch.tensor(-1.4, dtype=torch.float64, requires_grad=True)
+    alpha = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(-1.4, dtype=torch.float64, requires_grad=True)
+    w0_norm = w0.norm()
 
-    def fn(x, left, right, a, b, *bias_):
-        return MapFactored.apply(x, w0, bias_[0] if bias_ else None, left, right, a, b, torch.float64)
+    def fn(x, left, right, alpha, beta, *bias_):
+        return MapFactored.apply(x, w0, bias_[0] if bias_ else None, left, right, alpha, beta, w0_norm, eps,
+                                 torch.float64)
 
-    assert torch.autograd.gradcheck(fn, (x, left, right, a, b) + ((b0,) if bias else ()))
+    assert torch.autograd.gradcheck(fn, (x, left, right, alpha, beta) + ((b0,) if bias else ()))
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:

@@ -89,15 +89,28 @@ def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dty
 
 
 class MapFactored(torch.autograd.Function):
-    """``MapFactored.apply(x, w0, bias, left, right, a, b, dtype)`` -> y [..., out].
+    """``MapFactored.apply(x, w0, bias, left, right, alpha, beta, w0_norm, eps, dtype)`` -> y [..., out].
 
     x [..., in]; w0 [out, in] (frozen); bias [out] or None; left L [out, k]; right R [k, in];
-    a, b 0-dim; ``dtype`` the compute dtype (see the module docstring). Gradients flow to x,
-    the bias, L, R, a and b.
+    alpha, beta 0-dim parameters; w0_norm ‖W0‖_F (0-dim float32 buffer); eps the floor of ‖ΔW‖;
+    ``dtype`` the compute dtype (see the module docstring). Gradients flow to x, the bias, L, R,
+    α and β.
+
+    The magnitudes are computed here too: a = α/‖W0‖ and b = β/max(‖ΔW‖, eps) with
+    ‖ΔW‖² = sum((LᵀL) ⊙ (R Rᵀ)), the contract's closed form (k×k work, in the factors' dtype),
+    and their backward is written out: as autograd nodes, these few scalar and k×k ops cost
+    more dispatches per layer than the rest of the layer (the launch-bound 135M regime).
     """
 
     @staticmethod
-    def forward(ctx, x, w0, bias, left, right, a, b, dtype):
+    def forward(ctx, x, w0, bias, left, right, alpha, beta, w0_norm, eps, dtype):
+        with torch.autocast(x.device.type, enabled=False):  # k×k work in the factors' own dtype
+            gram_left = left.t() @ left  # LᵀL [k, k]
+            gram_right = right @ right.t()  # R Rᵀ [k, k]
+        sq = (gram_left * gram_right).sum(dtype=torch.promote_types(left.dtype, torch.float32))  # ‖L R‖_F²
+        norm = sq.clamp_min(eps * eps).sqrt()
+        a = alpha / w0_norm
+        b = beta / norm
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != dtype:
@@ -117,34 +130,42 @@ class MapFactored(torch.autograd.Function):
         h = torch.mm(x2, right_c.t())  # [N, k]
         scaled_left = left * b
         y.addmm_(h, (scaled_left if scaled_left.dtype == dtype else scaled_left.to(dtype)).t())
-        ctx.save_for_backward(x2, h, w0c, left_c, right, a, b)
-        ctx.meta = (shape, x.dtype, left.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x2, h, w0c, left_c, left, right, gram_left, gram_right, sq, norm, a, b, w0_norm)
+        ctx.meta = (shape, x.dtype, None if bias is None else bias.dtype, alpha.dtype, beta.dtype, eps * eps)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h, w0c, left_c, right, a, b = ctx.saved_tensors
-        shape, x_dtype, left_dtype, bias_dtype = ctx.meta
-        need_x, _, need_bias, need_left, need_right, need_a, need_b, _ = ctx.needs_input_grad
+        x2, h, w0c, left_c, left, right, gram_left, gram_right, sq, norm, a, b, w0_norm = ctx.saved_tensors
+        shape, x_dtype, bias_dtype, alpha_dtype, beta_dtype, eps_sq = ctx.meta
+        need_x, _, need_bias, need_left, need_right, need_alpha, need_beta = ctx.needs_input_grad[:7]
         dtype = x2.dtype
         g = grad.reshape(-1, grad.shape[-1])
         if g.dtype != dtype:
             g = g.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)  # sums of half products accumulate in fp32
-        grad_x = grad_bias = grad_left = grad_right = grad_a = grad_b = None
+        grad_x = grad_bias = grad_left = grad_right = grad_alpha = grad_beta = None
         if need_bias:
             grad_bias = g.sum(dim=0, dtype=acc).to(bias_dtype)
-        g_left = torch.mm(g, left_c) if (need_x or need_right or need_b) else None  # g L [N, k]
-        if need_b:
-            grad_b = inner(g_left, h, acc).to(b.dtype)  # ⟨g, h Lᵀ⟩ = ⟨g L, h⟩
-        if need_left:
-            grad_left = torch.mm(g.t(), h).to(left_dtype) * b  # b · gᵀ h [out, k]
-        if need_right:
-            grad_right = torch.mm(g_left.t(), x2).to(right.dtype) * b  # b · (g L)ᵀ x [k, in]
-        if need_x or need_a:
+        # ∂L/∂b = ⟨g, h Lᵀ⟩ = ⟨g L, h⟩; b = β/‖ΔW‖ passes it to β and, through ‖ΔW‖, to L and R
+        g_left = torch.mm(g, left_c) if (need_x or need_right or need_left or need_beta) else None  # g L [N, k]
+        if need_left or need_right or need_beta:
+            grad_b = inner(g_left, h, acc).float()
+            if need_beta:
+                grad_beta = (grad_b / norm).to(beta_dtype)
+            # ∂L/∂(‖ΔW‖²) · 2 = −∂L/∂b · b/‖ΔW‖² (0 below the floor): the k×k terms of the factors' gradients
+            coef = torch.where(sq >= eps_sq, -grad_b * b / (norm * norm), 0.0)
+            with torch.autocast(g.device.type, enabled=False):
+                if need_left:  # b · gᵀ h + coef · L (R Rᵀ)   [out, k]
+                    grad_left = torch.addcmul(left @ (gram_right * coef).to(left.dtype),
+                                              torch.mm(g.t(), h).to(left.dtype), b.to(left.dtype))
+                if need_right:  # b · (g L)ᵀ x + coef · (LᵀL) R   [k, in]
+                    grad_right = torch.addcmul((gram_left * coef).to(right.dtype) @ right,
+                                               torch.mm(g_left.t(), x2).to(right.dtype), b.to(right.dtype))
+        if need_x or need_alpha:
             g_w0 = torch.mm(g, w0c)  # [N, in]: the base path's input gradient before the factor a
-            if need_a:
-                grad_a = inner(g_w0, x2, acc).to(a.dtype)  # ⟨g, W0 x⟩ = ⟨g W0, x⟩
+            if need_alpha:
+                grad_alpha = (inner(g_w0, x2, acc) / w0_norm).to(alpha_dtype)  # ⟨g, W0 x⟩/‖W0‖ = ⟨g W0, x⟩/‖W0‖
             if need_x:
                 scaled_right = right * b
                 if scaled_right.dtype != dtype:
@@ -153,4 +174,4 @@ class MapFactored(torch.autograd.Function):
                 grad_x = grad_x.view(shape)
                 if grad_x.dtype != x_dtype:
                     grad_x = grad_x.to(x_dtype)
-        return grad_x, None, grad_bias, grad_left, grad_right, grad_a, grad_b, None
+        return grad_x, None, grad_bias, grad_left, grad_right, grad_alpha, grad_beta, None, None, None

@@ -78,24 +78,15 @@ class Map(Reparam):
             raise ValueError("init = \"identity\" needs a non-zero update, and this update's ΔW stays 0 when its "
                              "parameters are perturbed; use init = \"paper\"")
 
-    def update_norm(self, w0: torch.Tensor, *, floor: bool = True, factors=None) -> torch.Tensor:
+    def update_norm(self, w0: torch.Tensor, *, floor: bool = True) -> torch.Tensor:
         """max(‖ΔW‖_F, eps) as a 0-dim float32 tensor (differentiable; finite gradient at ΔW = 0).
 
         ``w0`` [out, in] is the base weight as stored (LoRMA-style updates need it). The closed
         form ``update.frobenius_sq`` is used when the update has one; otherwise ΔW is built.
-        ``factors`` (L [out, k], R [k, in]), when the caller already has them and the update keeps
-        the contract's default ``frobenius_sq``, give the same closed form without calling
-        ``factors()`` again. The floor is a clamp of ‖ΔW‖² at eps²: below it the gradient is 0,
-        not the 1/0 of √.
+        The floor is a clamp of ‖ΔW‖² at eps²: below it the gradient is 0, not the 1/0 of √.
+        (The one-node path, :mod:`modapt_map.factored`, computes the same from the factors.)
         """
-        if factors is not None and type(self.update).frobenius_sq is Update.frobenius_sq:
-            left, right = factors
-            # k×k work in the factors' dtype (float32 adapters): autocast would add four casts
-            # and round the norm, and with it b, to bf16
-            with torch.autocast(left.device.type, enabled=False):
-                sq = ((left.t() @ left) * (right @ right.t())).sum()
-        else:
-            sq = self.update.frobenius_sq(w0)
+        sq = self.update.frobenius_sq(w0)
         if sq is None:
             sq = self.update.delta_weight(w0).float().square().sum()
         sq = sq.float()
@@ -121,11 +112,9 @@ class Map(Reparam):
         dtype = None if args or kwargs else compute_dtype(x, self.host, self.update)
         if dtype is not None:
             left, right = self.update.factors()
-            w0 = layers.weight_of(base)
             host = self.host
-            a = host.map_alpha / host.map_w0_norm
-            b = host.map_beta / self.update_norm(w0, factors=(left, right))
-            return MapFactored.apply(x, w0, base.bias, left, right, a, b, dtype)
+            return MapFactored.apply(x, layers.weight_of(base), base.bias, left, right, host.map_alpha,
+                                     host.map_beta, host.map_w0_norm, self.options.eps, dtype)
         base_out = base(x, *args, **kwargs)
         a, b = self.scales(layers.weight_of(base))
         delta_x = self.update.forward(x, base_out, base)
