@@ -2,15 +2,32 @@
 
 import json
 
-from benchmarks.train_step import main
+import pytest
+
+from benchmarks.train_step import expand_methods, main, split_method
 
 
 def test_benchmark_smoke(tmp_path):
-    assert main(["--size", "tiny", "--methods", "peft-lora,lora,lomap,lora+lmam", "--steps", "1", "--warmup", "0",
-                 "--out", str(tmp_path)]) == 0
+    assert main(["--size", "tiny", "--methods", "peft-lora,lora,lomap,lora+lmam,lora@aot_eager", "--steps", "1",
+                 "--warmup", "0", "--out", str(tmp_path)]) == 0
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     methods = [r["method"] for r in data["results"]]
     assert methods[:2] == ["peft-lora", "lora"]
     for r in data["results"]:
         assert r["step_ms"] > 0 and r["trainable"] > 0
-    assert "| peft-lora |" in next(tmp_path.glob("*.md")).read_text()
+    compiled = data["results"][-1]
+    assert compiled["method"] == "lora@aot_eager"
+    assert compiled["trainable"] == data["results"][1]["trainable"]
+    assert compiled["compile_s"] > 0 and compiled["graphs"] == 1 and compiled["graph_breaks"] == 0
+    assert compiled["infer_ms"] is None  # compiled rows time training only
+    table = next(tmp_path.glob("*.md")).read_text()
+    assert "| peft-lora |" in table and "| lora@aot_eager |" in table
+
+
+def test_compile_rows_are_listed_beside_the_eager_ones():
+    assert expand_methods("peft-lora,lora,lora@aot_eager", "none") == ["peft-lora", "lora", "lora@aot_eager"]
+    assert expand_methods("peft-lora,lora", "reduce-overhead,default") == [
+        "peft-lora", "peft-lora@reduce-overhead", "peft-lora@default", "lora", "lora@reduce-overhead", "lora@default"]
+    assert split_method("full-ft@max-autotune-no-cudagraphs") == ("full-ft", "max-autotune-no-cudagraphs")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        split_method("lora@fast")

@@ -3,12 +3,21 @@
     python -m benchmarks.train_step --size tiny                    # CPU smoke (the test suite runs it)
     python -m benchmarks.train_step --size 1b --rank 16            # the ~1B LLaMA shape, B=8, T=1024 (GPU)
     python -m benchmarks.train_step --size 135m --batch 32 --seq 64 --precision autocast   # the demo's regime
+    python -m benchmarks.train_step --size 135m --precision autocast \
+        --methods peft-lora,lora,full-ft,lora@reduce-overhead,peft-lora@reduce-overhead   # eager and compiled rows
 
 Every method runs on a fresh LLaMA-shaped model built from a config with random weights (no
 downloads), the same targets (q, k, v, o, gate, up, down) and rank. The baseline (ratio 1.00)
 is PEFT LoRA measured in the same process. A step is forward + backward + optimizer step
 (+ the plugins' hooks), CUDA-synchronised; the median over ``--steps`` after ``--warmup``.
 Results: JSON, a Markdown table and a PNG bar chart under ``--out``.
+
+``METHOD@MODE`` runs a method under ``torch.compile`` (see :data:`COMPILE_MODES`): the model is
+compiled after it is adapted (forward, loss and, through AOT autograd, backward); the optimizer
+step, the plugins' hooks and AdaLoRA's regulariser stay eager. The first step (compilation) is
+timed apart as ``compile_s``; with CUDA graphs (``reduce-overhead``) two more warm-up steps
+record the graphs. Compiled rows report no inference latency (an eval forward, and the merged
+model, would each compile again).
 """
 
 from __future__ import annotations
@@ -34,6 +43,40 @@ SIZES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000, batch=8, seq=1024),
 }
+
+
+# METHOD@MODE -> torch.compile arguments. "compile" is the default mode; "aot_eager" traces and
+# runs AOT autograd without inductor (no C compiler or Triton needed): correctness, not speed.
+COMPILE_MODES = {
+    "compile": {"mode": "default"},
+    "default": {"mode": "default"},
+    "reduce-overhead": {"mode": "reduce-overhead"},  # CUDA graphs (the 135M shapes are static)
+    "max-autotune": {"mode": "max-autotune"},
+    "max-autotune-no-cudagraphs": {"mode": "max-autotune-no-cudagraphs"},
+    "aot_eager": {"backend": "aot_eager"},
+}
+CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}
+
+
+def split_method(name: str) -> tuple[str, str | None]:
+    """``"lora@reduce-overhead"`` -> ``("lora", "reduce-overhead")``; ``"lora"`` -> ``("lora", None)``."""
+    method, _, mode = name.partition("@")
+    if mode and mode not in COMPILE_MODES:
+        raise ValueError(f"unknown compile mode {mode!r} in {name!r}; accepted: {', '.join(COMPILE_MODES)}")
+    return method, mode or None
+
+
+def expand_methods(methods: str, compile_modes: str) -> list[str]:
+    """The method list, each eager method followed by its compiled rows for ``--compile``'s modes."""
+    modes = [m for m in compile_modes.split(",") if m and m != "none"]
+    for mode in modes:
+        split_method(f"x@{mode}")  # validates
+    out = []
+    for name in methods.split(","):
+        out.append(name)
+        if "@" not in name:
+            out.extend(f"{name}@{mode}" for mode in modes)
+    return out
 
 
 @dataclass
@@ -145,33 +188,43 @@ def measure(name: str, setup: Setup, warmup: int) -> dict | None:
     adapted model holds reference cycles (a host and its update point at each other), so the
     previous method's model can outlive it until the garbage collector runs; collected here
     first, and reported if anything still remains."""
+    method, mode = split_method(name)
+    if mode is not None:
+        torch._dynamo.reset()  # a fresh cache: earlier methods' graphs neither count nor crowd the cache
+        torch._dynamo.utils.counters.clear()
     gc.collect()
     if setup.device == "cuda":
         torch.cuda.empty_cache()
     leftover = torch.cuda.memory_allocated() if setup.device == "cuda" else 0
-    total = warmup + setup.steps
-    prepared = prepare(name, setup, total)
+    cudagraphs = mode in CUDA_GRAPH_MODES and setup.device == "cuda"
+    compile_steps = 0 if mode is None else (3 if cudagraphs else 1)
+    total = compile_steps + warmup + setup.steps
+    prepared = prepare(method, setup, total)
     if prepared is None:
         return None
     model, before, after = prepared
     del prepared
     import modapt
 
+    forward = model if mode is None else torch.compile(model, **COMPILE_MODES[mode])
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (setup.batch, setup.seq), generator=gen).to(setup.device)
-    use_regularizer = name in ("adalora", "adalomap")
+    use_regularizer = method in ("adalora", "adalomap")
     autocast = torch.autocast(setup.device, dtype=torch.bfloat16, enabled=setup.precision == "autocast")
-    if setup.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, compile_times = [], []
     model.train()
     for step in range(total):
+        if step == compile_steps and setup.device == "cuda":  # the peak of training, not of compiling
+            torch.cuda.reset_peak_memory_stats()
         synchronize(setup.device)
         start = time.perf_counter()
+        if cudagraphs:  # a new iteration: the previous step's graph outputs may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = forward(input_ids=ids, labels=ids).loss
             if use_regularizer:
                 loss = loss + modapt.regularization_loss(model)
         loss.backward()
@@ -180,9 +233,35 @@ def measure(name: str, setup: Setup, warmup: int) -> dict | None:
         after(step)
         optimizer.zero_grad(set_to_none=True)
         synchronize(setup.device)
-        if step >= warmup:
+        if step < compile_steps:
+            compile_times.append(time.perf_counter() - start)
+        elif step >= compile_steps + warmup:
             times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() - leftover) / 2**30 if setup.device == "cuda" else None
+    compiled = {}
+    if mode is not None:
+        counters = torch._dynamo.utils.counters
+        compiled = {"compile_s": sum(compile_times), "graphs": counters["stats"]["unique_graphs"],
+                    "graph_breaks": sum(counters["graph_break"].values())}
+    result = {"method": name, "step_ms": statistics.median(times) * 1000,
+              "tokens_per_s": setup.batch * setup.seq / statistics.median(times),
+              "peak_gib": peak, "trainable": sum(p.numel() for p in params),
+              "infer_ms": None, "infer_merged_ms": None, "leftover_gib": leftover / 2**30, **compiled}
+    if mode is None:
+        result["infer_ms"], result["infer_merged_ms"] = _inference(model, method, ids, setup, autocast)
+    del model, forward, optimizer, params, before, after  # the hooks' closures hold the model too
+    if mode is not None:
+        torch._dynamo.reset()  # the compiled graphs and their CUDA graph pools
+    gc.collect()
+    if setup.device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def _inference(model, name: str, ids, setup: Setup, autocast) -> tuple[float, float | None]:
+    """Eval-mode forward latency in ms, unmerged and (for mergeable modapt methods) merged."""
+    import modapt
+
     model.eval()
     with torch.no_grad(), autocast:
         infer = _latency(lambda: model(input_ids=ids), setup.device, max(3, setup.steps // 2))
@@ -192,15 +271,7 @@ def measure(name: str, setup: Setup, warmup: int) -> dict | None:
             if all(modapt.default_registry().method(m).capabilities.mergeable for m in state.recipe.methods()):
                 modapt.merge(model, unload=True)
                 merged = _latency(lambda: model(input_ids=ids), setup.device, max(3, setup.steps // 2))
-    result = {"method": name, "step_ms": statistics.median(times) * 1000,
-              "tokens_per_s": setup.batch * setup.seq / statistics.median(times),
-              "peak_gib": peak, "trainable": sum(p.numel() for p in params),
-              "infer_ms": infer, "infer_merged_ms": merged, "leftover_gib": leftover / 2**30}
-    del model, optimizer, params, before, after  # the hooks' closures hold the model too
-    gc.collect()
-    if setup.device == "cuda":
-        torch.cuda.empty_cache()
-    return result
+    return infer, merged
 
 
 def _latency(fn: Callable, device: str, repeats: int) -> float:
@@ -212,16 +283,31 @@ def _latency(fn: Callable, device: str, repeats: int) -> float:
 
 
 def table(results: list[dict]) -> str:
-    base = next((r for r in results if r["method"] == "peft-lora"), None)
-    lines = ["| method | step ms | × PEFT LoRA | tokens/s | peak GiB | × mem | trainable | infer ms | merged ms |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    """The Markdown table; ratios to eager PEFT LoRA, and for compiled rows also to PEFT LoRA
+    compiled the same way (``× PEFT same mode``) when that row was run."""
+    by_name = {r["method"]: r for r in results}
+    base = by_name.get("peft-lora")
+    compiled = any("@" in r["method"] for r in results)
+    head = "| method | step ms | × PEFT LoRA | tokens/s | peak GiB | × mem | trainable | infer ms | merged ms |"
+    if compiled:
+        head += " × PEFT same mode | compile s | graphs | graph breaks |"
+    lines = [head, "|" + " --- |" * (head.count("|") - 1)]
+
+    def num(value, fmt):
+        return format(value, fmt) if value is not None else "–"
+
     for r in results:
         ratio = f"{r['step_ms'] / base['step_ms']:.2f}" if base else "–"
         mem = (f"{r['peak_gib'] / base['peak_gib']:.2f}" if base and r["peak_gib"] and base["peak_gib"] else "–")
-        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "–"
-        merged = f"{r['infer_merged_ms']:.1f}" if r["infer_merged_ms"] is not None else "–"
-        lines.append(f"| {r['method']} | {r['step_ms']:.1f} | {ratio} | {r['tokens_per_s']:.0f} | {peak} | {mem} | "
-                     f"{r['trainable']:,} | {r['infer_ms']:.1f} | {merged} |")
+        line = (f"| {r['method']} | {r['step_ms']:.1f} | {ratio} | {r['tokens_per_s']:.0f} | {num(r['peak_gib'], '.2f')} "
+                f"| {mem} | {r['trainable']:,} | {num(r['infer_ms'], '.1f')} | {num(r['infer_merged_ms'], '.1f')} |")
+        if compiled:
+            mode = split_method(r["method"])[1]
+            peer = by_name.get(f"peft-lora@{mode}" if mode else "peft-lora")
+            same = f"{r['step_ms'] / peer['step_ms']:.2f}" if peer else "–"
+            line += (f" {same} | {num(r.get('compile_s'), '.1f')} | {num(r.get('graphs'), 'd')} "
+                     f"| {num(r.get('graph_breaks'), 'd')} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -257,7 +343,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--precision", choices=["bf16", "autocast", "fp32"], default=None,
                         help="default: bf16 on CUDA, fp32 on CPU")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="comma-separated; METHOD@MODE runs METHOD under torch.compile, MODE one of "
+                             + ", ".join(COMPILE_MODES))
+    parser.add_argument("--compile", default="none",
+                        help="comma-separated compile modes: each eager method listed is also run compiled "
+                             "in each (side by side); 'none' (default) adds no rows")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -266,8 +357,12 @@ def main(argv=None) -> int:
                   args.steps or (10 if device == "cuda" else 3), device,
                   args.precision or ("bf16" if device == "cuda" else "fp32"))
     warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
+    try:
+        names = expand_methods(args.methods, args.compile)
+    except ValueError as exc:
+        parser.error(str(exc))
     results = []
-    for name in args.methods.split(","):
+    for name in names:
         try:
             result = measure(name, setup, warmup)
         except Exception as exc:  # one failing method must not lose the others' figures
