@@ -53,15 +53,16 @@ def op_histogram(model_proto) -> collections.Counter:
     return collections.Counter(node.op_type for node in model_proto.graph.node)
 
 
-def session(path: Path, threads: int, optimized: Path | None = None, profile: bool = False):
+def session(path: Path, threads: int, optimized: Path | None = None, profile: Path | None = None):
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     if optimized is not None:
         options.optimized_model_filepath = str(optimized)
-    if profile:
+    if profile is not None:
         options.enable_profiling = True
+        options.profile_file_prefix = str(profile)  # not the current directory
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -97,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="time per op type with ORT's profiler")
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--reuse", nargs="*", default=[], choices=["base", "lmam"],
+                        help="variants whose export in --workdir is kept (same sizes; the weights are seeded)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
@@ -108,8 +111,11 @@ def main(argv=None) -> int:
         model = build(args, variant)
         config = model.config
         start = time.perf_counter()
-        manifest = export_onnx(model, workdir / variant, "causal-lm", overwrite=True)
-        seconds = time.perf_counter() - start
+        if variant in args.reuse:
+            manifest = json.loads((workdir / variant / "modapt_export.json").read_text())
+        else:
+            manifest = export_onnx(model, workdir / variant, "causal-lm", overwrite=True)
+        seconds = manifest.get("export_seconds", time.perf_counter() - start)
         path = workdir / variant / "model.onnx"
         written = onnx.load(str(path), load_external_data=False)
         optimized_path = workdir / f"{variant}-ort-optimized.onnx"
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
     if args.profile:
         name, feeds = cases[0]
         for variant in ("base", "lmam"):
-            sess = session(workdir / variant / "model.onnx", args.threads, profile=True)
+            sess = session(workdir / variant / "model.onnx", args.threads, profile=workdir / f"profile-{variant}")
             result["profile"][variant] = profile_by_op(sess, feeds, args.repeats)
         print(f"\nORT profiler, {name}: µs per run by op type (lmam − base, the largest differences)\n")
         print("| op | base µs | lmam µs | difference |")
