@@ -1,6 +1,7 @@
 """modapt vs PEFT: training-step time, tokens/s, peak memory, and inference latency.
 
     python -m benchmarks.train_step --size tiny                    # CPU smoke (the test suite runs it)
+    OMP_NUM_THREADS=1 python -m benchmarks.train_step --size proxy --compile default   # CPU launch-bound proxy
     python -m benchmarks.train_step --size 1b --rank 16            # the ~1B LLaMA shape, B=8, T=1024 (GPU)
     python -m benchmarks.train_step --size 135m --batch 32 --seq 64 --precision autocast   # the demo's regime
     python -m benchmarks.train_step --size 135m --precision autocast \
@@ -38,6 +39,9 @@ LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, batch=2, seq=32),
+    # the 135M regime's stand-in on a CPU: many layers too small for their arithmetic to matter
+    "proxy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, batch=4, seq=16),
     "135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                  num_key_value_heads=3, vocab_size=49152, batch=32, seq=64),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -46,7 +50,8 @@ SIZES = {
 
 
 # METHOD@MODE -> torch.compile arguments. "compile" is the default mode; "aot_eager" traces and
-# runs AOT autograd without inductor (no C compiler or Triton needed): correctness, not speed.
+# runs AOT autograd without inductor (no C compiler or Triton needed): correctness, not speed;
+# "cudagraphs" (CUDA only) replays those graphs as CUDA graphs, still without inductor.
 COMPILE_MODES = {
     "compile": {"mode": "default"},
     "default": {"mode": "default"},
@@ -54,8 +59,10 @@ COMPILE_MODES = {
     "max-autotune": {"mode": "max-autotune"},
     "max-autotune-no-cudagraphs": {"mode": "max-autotune-no-cudagraphs"},
     "aot_eager": {"backend": "aot_eager"},
+    # CUDA graphs of the AOT graphs without inductor: launches removed, kernels unchanged (no Triton)
+    "cudagraphs": {"backend": "cudagraphs"},
 }
-CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune"}
+CUDA_GRAPH_MODES = {"reduce-overhead", "max-autotune", "cudagraphs"}
 
 
 def split_method(name: str) -> tuple[str, str | None]:
@@ -109,6 +116,7 @@ def modapt_recipe(name: str, r: int, total_steps: int) -> dict | None:
     lmam = {"method": "lmam", "heads": None, "r": 2, "n": 128}
     recipes = {
         "lora": {"adapter": [{**lora, "targets": LINEAR}]},
+        "lora-module": {"adapter": [{**lora, "targets": LINEAR}]},  # measured with modapt.lora.ONE_NODE off
         "dora": {"adapter": [{"method": "dora", "targets": LINEAR, "update": lora}]},
         "lomap": {"adapter": [{"method": "map", "targets": LINEAR, "update": lora}]},
         "adalora": {"adapter": [{"method": "adalora", "init_r": r, "target_r": max(1, r // 2), "lora_alpha": float(2 * r),
@@ -187,7 +195,20 @@ def measure(name: str, setup: Setup, warmup: int) -> dict | None:
     included): the memory still allocated when it starts, ``leftover_gib``, is subtracted. An
     adapted model holds reference cycles (a host and its update point at each other), so the
     previous method's model can outlive it until the garbage collector runs; collected here
-    first, and reported if anything still remains."""
+    first, and reported if anything still remains. ``lora-module`` is modapt LoRA with its
+    one-node layer switched off (``modapt.lora.ONE_NODE``): the module path, for comparison."""
+    import modapt.lora
+
+    method = split_method(name)[0]
+    one_node = modapt.lora.ONE_NODE
+    modapt.lora.ONE_NODE = one_node and method != "lora-module"  # LoRA's module path, to compare
+    try:
+        return _measure(name, setup, warmup)
+    finally:
+        modapt.lora.ONE_NODE = one_node
+
+
+def _measure(name: str, setup: Setup, warmup: int) -> dict | None:
     method, mode = split_method(name)
     if mode is not None:
         torch._dynamo.reset()  # a fresh cache: earlier methods' graphs neither count nor crowd the cache

@@ -21,6 +21,10 @@ from .methods import Capabilities, Method, Options
 from .tracing import exporting
 from .update import Update
 
+# Experiment switch (benchmarks only): False sends every call down the module path, so that one
+# benchmark run can compare it with the one-node layer, eagerly and under torch.compile.
+ONE_NODE = True
+
 
 class LoraOptions(Options):
     r: int = pydantic.Field(8, gt=0, description="rank of the update")
@@ -76,7 +80,7 @@ class Lora(Update):
         (a float32 adapter on a bf16 base without autocast, accelerate's offload hooks on the
         base, ...) returns ``None``: the module path.
         """
-        if args or kwargs or self.is_embedding or not layers.called_plainly(base_layer):
+        if not ONE_NODE or args or kwargs or self.is_embedding or not layers.called_plainly(base_layer):
             return None
         if base_layer.weight.requires_grad or exporting():
             return None
