@@ -291,3 +291,19 @@ def test_saves_what_lora_saves_plus_a_constant(reg, dtype, monkeypatch):
     monkeypatch.setattr("modapt_map.factored.ENABLED", False)
     small, large = excess()
     assert large - small >= (64 - 8) * OUT * (2 if dtype == torch.bfloat16 else 4)  # ΔW x [tokens, out]
+
+
+def test_torch_compile_keeps_the_node_and_its_numbers(reg):
+    model = adapted(reg, "linear", "lora")
+    x, g = inputs()
+    y, grads = ours(model, "lora", x, g)
+    for p in modapt.trainable_parameters(model).values():
+        p.grad = None
+    xx = x.clone().requires_grad_()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    y_c = compiled(xx)
+    y_c.backward(g)
+    torch.testing.assert_close(y_c, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xx.grad, grads["x"], rtol=1e-6, atol=1e-6)
+    for name, p in update_params(model.layer, "lora").items():
+        torch.testing.assert_close(p.grad, grads[name], rtol=1e-6, atol=1e-6)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modapt import Update, layers
-from modapt.tracing import tracing
+from modapt.tracing import exporting
 
 from .output import inner
 
@@ -60,14 +60,15 @@ ENABLED = True
 def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dtype | None:
     """The dtype the fused node would compute in for input ``x``, or ``None``: the general path.
 
-    Fused when: the graph is not being traced (exports keep the plain path), the base is a plain
+    Fused when: the graph is not being exported (torch.export, ONNX and jit tracing keep the
+    general path's plain ops; torch.compile traces the node's forward and backward), the base is a plain
     ``nn.Linear``/``Conv1D`` called as such (:func:`modapt.layers.called_plainly`) with a frozen weight
     (the bias may train: its gradient is the sum of g over tokens), the
     update is one of :data:`FACTORED_UPDATES`, and its input dropout is inactive (p = 0 or eval
     mode: with dropout, R's gradient needs the dropped x and the base path the plain one, and
     storing both would cost more than the general path saves; dropout > 0 in training keeps it).
     """
-    if not ENABLED or not x.is_floating_point() or tracing():
+    if not ENABLED or not x.is_floating_point() or exporting():
         return None
     base = host.base_layer
     if not layers.called_plainly(base):
