@@ -5,8 +5,9 @@
 with x [N, in] (leading dimensions flattened), W0 [out, in] the frozen base weight (canonical:
 GPT-2's Conv1D is read through its transpose), L [out, k] and R [k, in] the update's
 ``factors()`` (LoRA: L = s·B, R = A; AdaLoRA: L = P·diag(Λ)·c, R = Q), a = α/‖W0‖_F and
-b = β/‖ΔW‖_F (0-dim float32, computed by the caller: ‖ΔW‖ is the update's closed form, an
-autograd graph of k×k work outside this node).
+b = β/max(‖ΔW‖_F, eps) (0-dim float32, computed here from the closed form
+‖ΔW‖² = sum((LᵀL) ⊙ (R Rᵀ)), k×k work, with its backward written out). Gradients reach the
+update's parameters through ``factors()`` by autograd.
 
 Why one node. The general path (:mod:`modapt_map.output`) receives u = ΔW x [N, out] from the
 update's forward and has to store it for β's gradient ⟨g, u⟩; over a float32 update on a
@@ -22,7 +23,8 @@ Forward: 3 GEMMs (W0 x + bias, h = x Rᵀ, and h (b·L)ᵀ accumulated into y by
 pass over [N, out] (the (a − 1) term, written as a correction so that a = 1, β = 0 is the base
 output bit for bit). Backward: 5 GEMMs (g W0, g L, gᵀ h, (g L)ᵀ x, and (g L)(b·R) accumulated
 into the input gradient), two dot products and one scaling pass over [N, in]; b is folded into
-the k-wide factors, never applied to an [N, ·] tensor.
+the k-wide factors, never applied to an [N, ·] tensor. Stored: x (cast to the compute dtype),
+h, W0 in the compute dtype (a view unless autocast casts it), L, and k×k and 0-dim tensors.
 
 Dtypes. Every product with an [N, ·] operand runs in one compute dtype ``dtype``: autocast's
 when autocast is on, else the base's (x must then have the base's dtype). The thin operands
