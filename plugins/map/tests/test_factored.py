@@ -8,13 +8,12 @@ and takes its gradients with autograd. The model under test must have taken the 
 
 from __future__ import annotations
 
+import modapt
 import pytest
 import torch
+from modapt_map.factored import MapFactored, compute_dtype
 from torch import nn
 from transformers.pytorch_utils import Conv1D
-
-import modapt
-from modapt_map.factored import MapFactored, compute_dtype
 
 OUT, IN = 10, 12
 UPDATES = {

@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from modapt import Update, layers
 from modapt.tracing import exporting
+from torch import nn
 
 from .output import inner
 

@@ -13,9 +13,8 @@ dtype (for b's gradient ⟨g, u⟩).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from modapt import layers
+from torch import nn
 
 
 class MapOutput(torch.autograd.Function):

@@ -19,10 +19,8 @@ is ΔW materialised (``update.delta_weight``) to take its norm.
 from __future__ import annotations
 
 import torch
+from modapt import Reparam, Update, layers
 from torch import nn
-
-from modapt import Reparam, Update
-from modapt import layers
 
 from .factored import MapFactored, compute_dtype
 from .options import MapOptions
