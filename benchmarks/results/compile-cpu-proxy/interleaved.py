@@ -1,6 +1,11 @@
 """CPU proxy: eager vs compiled (inductor default) peft-lora / lora / full-ft, interleaved rounds, medians."""
-import statistics, time, torch
+import statistics
+import time
+
+import torch
+
 from benchmarks.train_step import Setup, prepare
+
 setup = Setup("proxy", 16, 4, 16, 20, "cpu", "fp32")
 names = ["peft-lora", "lora", "full-ft", "peft-lora@compile", "lora@compile", "full-ft@compile"]
 runs = {}
