@@ -172,7 +172,9 @@ class MapFactored(torch.autograd.Function):
                 scaled_right = right * b
                 if scaled_right.dtype != dtype:
                     scaled_right = scaled_right.to(dtype)
-                grad_x = g_w0.mul_(a.to(dtype)).addmm_(g_left, scaled_right)  # a·g W0 + b·(g L) R
+                # a·g W0 + b·(g L) R, a as 1 + (a − 1) for the forward's reason: a rounded to bf16
+                # would scale the whole input gradient by up to 1 ± 2⁻⁹, (a − 1) rounded only its correction
+                grad_x = g_w0.addcmul_(g_w0, (a - 1).to(dtype)).addmm_(g_left, scaled_right)
                 grad_x = grad_x.view(shape)
                 if grad_x.dtype != x_dtype:
                     grad_x = grad_x.to(x_dtype)
