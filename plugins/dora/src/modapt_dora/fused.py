@@ -36,7 +36,12 @@ _ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
 def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """``torch.promote_types`` memoised (the call is an aten op of its own)."""
+    """``torch.promote_types`` memoised (the call is an aten op of its own).
+
+    Not under torch.compile: dynamo does not trace a write to a module-level dict and would
+    break the graph at every layer; there the call costs nothing at run time anyway."""
+    if torch.compiler.is_compiling():
+        return torch.promote_types(a, b)
     key = (a, b)
     if key not in _PROMOTED:
         _PROMOTED[key] = torch.promote_types(a, b)
@@ -45,7 +50,10 @@ def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 
 def _zero(like: torch.Tensor) -> torch.Tensor:
     """A 0-dim zero of ``like``'s device and dtype, made once: the ignored input of
-    ``addmm(_, p, q, beta=0, alpha=c)``, which is c·p q in one kernel (no separate scaling)."""
+    ``addmm(_, p, q, beta=0, alpha=c)``, which is c·p q in one kernel (no separate scaling).
+    Not memoised under torch.compile (see :func:`_promoted`): inductor folds the constant."""
+    if torch.compiler.is_compiling():
+        return torch.zeros((), device=like.device, dtype=like.dtype)
     key = (like.device, like.dtype)
     if key not in _ZEROS:
         _ZEROS[key] = torch.zeros((), device=like.device, dtype=like.dtype)
