@@ -10,15 +10,13 @@ import collections
 import pytest
 import torch
 
-import modapt
-
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 onnx_export = pytest.importorskip("modapt_export.onnx_export")
-from modapt.testing import tiny_llama  # noqa: E402
-from modapt_export.onnx_io import CausalLMWithCache, make_inputs  # noqa: E402
-from modapt_export.ort_model import OrtModel  # noqa: E402
+from modapt.testing import tiny_llama
+from modapt_export.onnx_io import CausalLMWithCache, make_inputs
+from modapt_export.ort_model import OrtModel
 
 N = 6
 #: LMAM's own nodes per adapted layer on the graph path: the gathered map rows, the keep
