@@ -166,13 +166,13 @@ def prepare(name: str, setup: Setup, total_steps: int):
     import modapt
 
     model = build_model(setup)
-    before = after = lambda step: None  # noqa: E731
+    before = after = lambda step: None
     if name == "full-ft":
         pass
     elif name.startswith("peft-"):
         model = peft_model(name, model, setup.rank, total_steps)
         if name == "peft-adalora":
-            after = lambda step: model.base_model.update_and_allocate(step)  # noqa: E731
+            after = lambda step: model.base_model.update_and_allocate(step)
     else:
         recipe = modapt_recipe(name, setup.rank, total_steps)
         needed = {a["method"] for a in recipe["adapter"]} | {a["update"]["method"] for a in recipe["adapter"]
@@ -180,8 +180,8 @@ def prepare(name: str, setup: Setup, total_steps: int):
         if not needed <= set(modapt.default_registry().methods):
             return None
         modapt.apply(model, recipe)
-        before = lambda step: modapt.before_optimizer_step(model, step)  # noqa: E731
-        after = lambda step: modapt.after_optimizer_step(model, step)  # noqa: E731
+        before = lambda step: modapt.before_optimizer_step(model, step)
+        after = lambda step: modapt.after_optimizer_step(model, step)
     return model, before, after
 
 

@@ -26,11 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import modapt
 import onnx
 import onnxruntime
 import torch
-
-import modapt
 from modapt_export import export_onnx
 from modapt_export.onnx_io import make_inputs
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import modapt
 import torch
 from torch import nn
-
-import modapt
 
 from . import attention_map, interface, targets
 from .options import LmamOptions

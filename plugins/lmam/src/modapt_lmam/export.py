@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import attachment as attachment_mod, attention_map, graph_term, interface, targets
+from . import attachment as attachment_mod
+from . import attention_map, graph_term, interface, targets
 
 
 def prepare(model: nn.Module) -> None:
