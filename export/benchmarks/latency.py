@@ -131,6 +131,61 @@ def time_ort(ort: OrtModel, feeds, device, warmup, repeats) -> dict:
     return timed(run, device, warmup, repeats)
 
 
+
+def profile_ort(path: Path, feeds, device, runs: int, prefix: Path, threads: int | None) -> dict:
+    """Where one graph's time goes: ONNX Runtime's own profiler over ``runs`` runs of ``feeds``.
+
+    Returns ``{"nodes_by_provider": {provider: nodes}, "memcpy_nodes": k, "by_op": {op: {"calls",
+    "us"}}}`` per run, ops sorted by time. Node times are host-side kernel times: on CUDA a
+    launch is asynchronous, so a node shows its launch cost, while a copy to or from the host
+    (``Memcpy*``) or a node placed on the CPU shows its whole cost, which is what to look for
+    when a graph with fewer nodes runs slower. The optimised graph is saved as ``prefix``.onnx
+    (with the ``Memcpy`` nodes ORT inserted between providers); placement comes from the profile.
+    """
+    import onnx
+    import onnxruntime
+
+    def options(save: bool):
+        opts = onnxruntime.SessionOptions()
+        opts.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        if save:  # a first session writes the optimised graph and takes the first-run allocations
+            opts.optimized_model_filepath = str(prefix) + ".onnx"
+        else:
+            opts.enable_profiling = True
+            opts.profile_file_prefix = str(prefix)
+        return opts
+
+    time_ort(OrtModel(path, session_options=options(True)), feeds, device, warmup=1, repeats=1)
+    ort = OrtModel(path, session_options=options(False))
+    time_ort(ort, feeds, device, warmup=runs - 1, repeats=1)  # exactly ``runs`` runs in the profile
+    trace = json.loads(Path(ort.session.end_profiling()).read_text())
+    by_op: dict[str, dict] = {}
+    for event in trace:
+        args = event.get("args", {})
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        op = args.get("op_name", "?") + ("" if args.get("provider") in (None, ort.provider) else
+                                         f" [{args['provider'].removesuffix('ExecutionProvider')}]")
+        entry = by_op.setdefault(op, {"calls": 0, "us": 0.0})
+        entry["calls"] += 1
+        entry["us"] += event.get("dur", 0)
+    for entry in by_op.values():
+        entry["calls"] /= runs
+        entry["us"] = round(entry["us"] / runs, 1)
+    graph = onnx.load(str(prefix) + ".onnx", load_external_data=False).graph
+    providers: dict[str, int] = {}  # the profile's placement: each node runs once per run
+    for op, entry in by_op.items():
+        name = op.split(" [")[1].rstrip("]") if " [" in op else ort.provider.removesuffix("ExecutionProvider")
+        providers[name] = providers.get(name, 0) + round(entry["calls"])
+    return {"nodes_optimised": len(graph.node),
+            "memcpy_nodes": sum(1 for node in graph.node if node.op_type.startswith("Memcpy")),
+            "nodes_by_provider": providers,
+            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["us"]))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -150,6 +205,9 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="reuse exports already in --workdir (same size/variant/dtype; the weights are seeded)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--profile", type=int, default=0, metavar="RUNS",
+                        help="also profile each graph over RUNS runs per shape with ONNX Runtime's profiler "
+                             "(time by op type, nodes by provider, Memcpy count; files under --workdir)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -210,6 +268,14 @@ def main(argv=None) -> int:
             rows.append({"graph": f"ORT {variant}", "provider": ort.provider + (" + IO binding" if ort.on_cuda else ""),
                          "batch": batch, "seq": seq, **t})
             print(rows[-1], flush=True)
+            if args.profile:
+                prof = profile_ort(out, feeds, device, args.profile, workdir / f"profile-{variant}-{batch}x{seq}",
+                                   args.threads)
+                meta.setdefault("profiles", {})[f"{variant} {batch}x{seq}"] = prof
+                top = ", ".join(f"{op} {e['us']:.0f} µs ×{e['calls']:.0f}" for op, e in list(prof["by_op"].items())[:8])
+                print(f"profile {variant} {batch}x{seq}: {prof['nodes_optimised']} nodes after optimisation, "
+                      f"{prof['memcpy_nodes']} Memcpy, by provider {prof['nodes_by_provider']}; per run: {top}",
+                      flush=True)
         del ort, model
         if device.type == "cuda":
             torch.cuda.empty_cache()
