@@ -31,3 +31,14 @@ def test_compile_rows_are_listed_beside_the_eager_ones():
     assert split_method("full-ft@max-autotune-no-cudagraphs") == ("full-ft", "max-autotune-no-cudagraphs")
     with pytest.raises(ValueError, match="reduce-overhead"):
         split_method("lora@fast")
+
+
+def test_profile_writes_each_methods_op_table(tmp_path):
+    assert main(["--size", "tiny", "--methods", "lora", "--steps", "1", "--warmup", "0", "--profile", "2",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())["results"][0]
+    assert result["profile"]["steps"] == 2 and result["profile"]["cpu_ms"] > 0
+    rows = (tmp_path / "profile_lora.txt").read_text().splitlines()
+    # LoRA's one-node layer: once per adapted linear (7 per layer, 2 layers) per profiled step
+    forward = [row for row in rows if row.split() and row.split()[0] == "LoraLinear"]
+    assert len(forward) == 1 and forward[0].split()[-1] == str(2 * 2 * 7)

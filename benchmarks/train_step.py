@@ -19,6 +19,12 @@ step, the plugins' hooks and AdaLoRA's regulariser stay eager. The first step (c
 timed apart as ``compile_s``; with CUDA graphs (``reduce-overhead``) two more warm-up steps
 record the graphs. Compiled rows report no inference latency (an eval forward, and the merged
 model, would each compile again).
+
+``--profile STEPS`` runs STEPS more steps of each method under ``torch.profiler`` after the timed
+ones and writes its op table (by self time on the GPU, or on the CPU without one) to
+``OUT/profile_<method>.txt``, with device milliseconds and kernels per step in the JSON: the
+profile the issue asks for where a target is missed, e.g.
+``python -m benchmarks.train_step --size 1b --methods peft-lora,lora,lomap,dora --profile 3``.
 """
 
 from __future__ import annotations
@@ -95,6 +101,8 @@ class Setup:
     steps: int
     device: str
     precision: str  # "bf16" (model in bf16), "autocast" (fp32 weights, bf16 autocast), "fp32"
+    profile: int = 0  # steps run under torch.profiler after the timed ones (0: none)
+    profile_dir: str = ""  # where each method's profile table goes
 
 
 def build_model(setup: Setup):
@@ -219,7 +227,7 @@ def _measure(name: str, setup: Setup, warmup: int) -> dict | None:
     leftover = torch.cuda.memory_allocated() if setup.device == "cuda" else 0
     cudagraphs = mode in CUDA_GRAPH_MODES and setup.device == "cuda"
     compile_steps = 0 if mode is None else (3 if cudagraphs else 1)
-    total = compile_steps + warmup + setup.steps
+    total = compile_steps + warmup + setup.steps + setup.profile
     prepared = prepare(method, setup, total)
     if prepared is None:
         return None
@@ -237,11 +245,8 @@ def _measure(name: str, setup: Setup, warmup: int) -> dict | None:
     autocast = torch.autocast(setup.device, dtype=torch.bfloat16, enabled=setup.precision == "autocast")
     times, compile_times = [], []
     model.train()
-    for step in range(total):
-        if step == compile_steps and setup.device == "cuda":  # the peak of training, not of compiling
-            torch.cuda.reset_peak_memory_stats()
-        synchronize(setup.device)
-        start = time.perf_counter()
+
+    def train_step(step: int) -> None:
         if cudagraphs:  # a new iteration: the previous step's graph outputs may be overwritten
             torch.compiler.cudagraph_mark_step_begin()
         with autocast:
@@ -253,6 +258,14 @@ def _measure(name: str, setup: Setup, warmup: int) -> dict | None:
         optimizer.step()
         after(step)
         optimizer.zero_grad(set_to_none=True)
+
+    timed_steps = compile_steps + warmup + setup.steps
+    for step in range(timed_steps):
+        if step == compile_steps and setup.device == "cuda":  # the peak of training, not of compiling
+            torch.cuda.reset_peak_memory_stats()
+        synchronize(setup.device)
+        start = time.perf_counter()
+        train_step(step)
         synchronize(setup.device)
         if step < compile_steps:
             compile_times.append(time.perf_counter() - start)
@@ -268,6 +281,8 @@ def _measure(name: str, setup: Setup, warmup: int) -> dict | None:
               "tokens_per_s": setup.batch * setup.seq / statistics.median(times),
               "peak_gib": peak, "trainable": sum(p.numel() for p in params),
               "infer_ms": None, "infer_merged_ms": None, "leftover_gib": leftover / 2**30, **compiled}
+    if setup.profile:
+        result["profile"] = profile_steps(name, train_step, range(timed_steps, total), setup)
     if mode is None:
         result["infer_ms"], result["infer_merged_ms"] = _inference(model, method, ids, setup, autocast)
     del model, forward, optimizer, params, before, after  # the hooks' closures hold the model too
@@ -277,6 +292,32 @@ def _measure(name: str, setup: Setup, warmup: int) -> dict | None:
     if setup.device == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def profile_steps(name: str, train_step: Callable[[int], None], steps: range, setup: Setup) -> dict:
+    """Run ``steps`` under torch.profiler; write the op table (top 40 by self time on the device,
+    or on the CPU without CUDA) to ``profile_dir/profile_<name>.txt`` and return per-step totals:
+    ``{"steps", "device_ms", "cpu_ms", "kernels", "table"}``. Where a method's step time is
+    missed, this says which kernels (or which host-side dispatch) the extra time goes to."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device == "cuda" else [])
+    synchronize(setup.device)
+    with profile(activities=activities) as prof:
+        for step in steps:
+            train_step(step)
+        synchronize(setup.device)
+    events = prof.key_averages()
+    on_device = setup.device == "cuda"
+    sort = "self_cuda_time_total" if on_device else "self_cpu_time_total"
+    path = Path(setup.profile_dir) / f"profile_{name.replace('@', '_at_')}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{name}: {len(steps)} steps profiled\n" + events.table(sort_by=sort, row_limit=40) + "\n")
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if on_device else 0.0
+    kernels = sum(e.count for e in events if on_device and getattr(e, "self_device_time_total", 0) > 0)
+    return {"steps": len(steps), "device_ms": device_us / 1000 / len(steps),
+            "cpu_ms": sum(e.self_cpu_time_total for e in events) / 1000 / len(steps),
+            "kernels": kernels / len(steps), "table": str(path)}
 
 
 def _inference(model, name: str, ids, setup: Setup, autocast) -> tuple[float, float | None]:
@@ -371,12 +412,15 @@ def main(argv=None) -> int:
                         help="comma-separated compile modes: each eager method listed is also run compiled "
                              "in each (side by side); 'none' (default) adds no rows")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the timed steps, run STEPS more under torch.profiler and write each "
+                             "method's op table to OUT/profile_<method>.txt (device time, kernels per step)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = SIZES[args.size]
     setup = Setup(args.size, args.rank, args.batch or size["batch"], args.seq or size["seq"],
                   args.steps or (10 if device == "cuda" else 3), device,
-                  args.precision or ("bf16" if device == "cuda" else "fp32"))
+                  args.precision or ("bf16" if device == "cuda" else "fp32"), args.profile, args.out)
     warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
     try:
         names = expand_methods(args.methods, args.compile)
