@@ -285,7 +285,8 @@ def _measure(name: str, setup: Setup, warmup: int) -> dict | None:
         result["profile"] = profile_steps(name, train_step, range(timed_steps, total), setup)
     if mode is None:
         result["infer_ms"], result["infer_merged_ms"] = _inference(model, method, ids, setup, autocast)
-    del model, forward, optimizer, params, before, after  # the hooks' closures hold the model too
+    # the hooks' closures (and train_step's) hold the model too: clear every name they read
+    model = forward = optimizer = params = before = after = None
     if mode is not None:
         torch._dynamo.reset()  # the compiled graphs and their CUDA graph pools
     gc.collect()
