@@ -33,6 +33,7 @@ import torch
 import modapt
 from modapt_export import OrtModel, export_onnx
 from modapt_export.onnx_io import CausalLMWithCache, cache_geometry
+from modapt_export.ort_model import node_times
 
 SIZES = {
     "tiny": dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -136,10 +137,9 @@ def profile_ort(path: Path, feeds, device, runs: int, prefix: Path, threads: int
     """Where one graph's time goes: ONNX Runtime's own profiler over ``runs`` runs of ``feeds``.
 
     Returns ``{"nodes_by_provider": {provider: nodes}, "memcpy_nodes": k, "by_op": {op: {"calls",
-    "us"}}}`` per run, ops sorted by time. Node times are host-side kernel times: on CUDA a
-    launch is asynchronous, so a node shows its launch cost, while a copy to or from the host
-    (``Memcpy*``) or a node placed on the CPU shows its whole cost, which is what to look for
-    when a graph with fewer nodes runs slower. The optimised graph is saved as ``prefix``.onnx
+    "us"}}}`` per run, ops sorted by time (:func:`modapt_export.ort_model.node_times`: host-side
+    node times, so copies between host and device and CPU-placed nodes show their whole cost,
+    which is what to look for when a graph with fewer nodes runs slower). The optimised graph is saved as ``prefix``.onnx
     (with the ``Memcpy`` nodes ORT inserted between providers); placement comes from the profile.
     """
     import onnx
@@ -161,20 +161,9 @@ def profile_ort(path: Path, feeds, device, runs: int, prefix: Path, threads: int
     time_ort(OrtModel(path, session_options=options(True)), feeds, device, warmup=1, repeats=1)
     ort = OrtModel(path, session_options=options(False))
     time_ort(ort, feeds, device, warmup=runs - 1, repeats=1)  # exactly ``runs`` runs in the profile
-    trace = json.loads(Path(ort.session.end_profiling()).read_text())
-    by_op: dict[str, dict] = {}
-    for event in trace:
-        args = event.get("args", {})
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        op = args.get("op_name", "?") + ("" if args.get("provider") in (None, ort.provider) else
-                                         f" [{args['provider'].removesuffix('ExecutionProvider')}]")
-        entry = by_op.setdefault(op, {"calls": 0, "us": 0.0})
-        entry["calls"] += 1
-        entry["us"] += event.get("dur", 0)
+    by_op = node_times(ort.session.end_profiling(), runs, ort.provider)
     for entry in by_op.values():
-        entry["calls"] /= runs
-        entry["us"] = round(entry["us"] / runs, 1)
+        entry["us"] = round(entry["us"], 1)
     graph = onnx.load(str(prefix) + ".onnx", load_external_data=False).graph
     providers: dict[str, int] = {}  # the profile's placement: each node runs once per run
     for op, entry in by_op.items():
@@ -183,7 +172,7 @@ def profile_ort(path: Path, feeds, device, runs: int, prefix: Path, threads: int
     return {"nodes_optimised": len(graph.node),
             "memcpy_nodes": sum(1 for node in graph.node if node.op_type.startswith("Memcpy")),
             "nodes_by_provider": providers,
-            "by_op": dict(sorted(by_op.items(), key=lambda kv: -kv[1]["us"]))}
+            "by_op": by_op}
 
 
 def main(argv=None) -> int:

@@ -150,6 +150,31 @@ _TORCH_DTYPE = {np.float32: torch.float32, np.float16: torch.float16, np.int64: 
                 np.int32: torch.int32, np.bool_: torch.bool, np.float64: torch.float64}
 
 
+
+def node_times(trace_file: str | Path, runs: int, provider: str | None = None) -> dict[str, dict]:
+    """Per run, how often each op type ran and its summed node time, from ONNX Runtime's profile.
+
+    ``trace_file`` is what ``InferenceSession.end_profiling()`` returns for a session run ``runs``
+    times. Returns ``{op: {"calls": float, "us": float}}``, the most expensive first. An op that
+    ran on a provider other than ``provider`` is listed apart as ``"Op [Provider]"`` (without the
+    ``ExecutionProvider`` suffix). Node times are host-side: on CUDA a launch is asynchronous, so
+    a node shows its launch cost, while a copy between host and device or a node placed on the
+    CPU shows its whole cost.
+    """
+    by_op: dict[str, dict] = {}
+    for event in json.loads(Path(trace_file).read_text()):
+        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        args = event.get("args", {})
+        op = args.get("op_name", "?")
+        if provider is not None and args.get("provider") not in (None, provider):
+            op += f" [{args['provider'].removesuffix('ExecutionProvider')}]"
+        entry = by_op.setdefault(op, {"calls": 0, "us": 0.0})
+        entry["calls"] += 1
+        entry["us"] += event.get("dur", 0)
+    per_run = {op: {"calls": e["calls"] / runs, "us": e["us"] / runs} for op, e in by_op.items()}
+    return dict(sorted(per_run.items(), key=lambda kv: -kv[1]["us"]))
+
 def _numpy_dtype(dtype: torch.dtype):
     return {t: n for n, t in _TORCH_DTYPE.items()}[dtype]
 

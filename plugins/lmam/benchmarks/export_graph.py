@@ -32,6 +32,7 @@ import onnxruntime
 import torch
 from modapt_export import export_onnx
 from modapt_export.onnx_io import make_inputs
+from modapt_export.ort_model import node_times
 
 
 def build(args, variant: str):
@@ -74,12 +75,7 @@ def profile_by_op(sess, feeds, repeats: int) -> dict[str, float]:
     """Mean µs per run spent in each op type (ORT's node events)."""
     for _ in range(repeats):
         sess.run(None, feeds)
-    trace = json.loads(Path(sess.end_profiling()).read_text())
-    per_op = collections.Counter()
-    for event in trace:
-        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-            per_op[event["args"]["op_name"]] += event["dur"]
-    return {op: us / repeats for op, us in per_op.most_common()}
+    return {op: entry["us"] for op, entry in node_times(sess.end_profiling(), repeats).items()}
 
 
 def main(argv=None) -> int:
