@@ -6,7 +6,7 @@ shapes only (``torch.sym_min``), and the masks of ``lmam+eager`` / ``lmam+sdpa``
 precomputed (``merge``), so the graph holds one [h_s, n, n] constant per layer instead of
 W_a, W_b and a matmul; from it, the per-layer constant of the graph path
 (:mod:`modapt_lmam.graph_term`: the map repeated to the model's heads, masked by its causal
-triangle, flattened, in the model's dtype; dropped again by ``unmerge``); and a
+triangle, plus a zero row, in the model's dtype; dropped again by ``unmerge``); and a
 flash-attention base, which does not export, is swapped for SDPA (the original
 implementation comes back on ``modapt.remove``).
 """
@@ -38,7 +38,8 @@ def prepare(model: nn.Module) -> None:
 
 
 def add_graph_constant(module: nn.Module) -> None:
-    """Register ``lmam_graph_map`` [h·n·n + 1] on an adapted module whose map is merged."""
+    """Register ``lmam_graph_map`` [h, n + 1, n] (:func:`graph_term.graph_constant`) on an
+    adapted module whose map is merged."""
     spec = module.__dict__.get(interface.SPEC_ATTR)
     attn_s = module._buffers.get(attention_map.MERGED)
     if spec is None or attn_s is None:
