@@ -23,6 +23,7 @@ import gc
 import statistics
 
 import torch
+from modapt.testing.memory import saved_bytes
 from modapt.testing.step_timing import time_steps
 
 SIZES = {
@@ -70,33 +71,6 @@ def adapt(model, library, method, args):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-class SavedActivations:
-    """Counts the bytes of the distinct storages autograd keeps for the backward (parameters excluded)."""
-
-    def __init__(self, model):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        self.storages: dict[int, int] = {}
-
-    def pack(self, tensor):
-        storage = tensor.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.params:
-            self.storages[ptr] = storage.nbytes()
-        return tensor
-
-    def __enter__(self):
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._hooks.__exit__(*exc)
-
-    @property
-    def bytes(self) -> int:
-        return sum(self.storages.values())
-
-
 def run(library, method, args, device, dtype):
     model = build_model(args, device, dtype)
     model, params = adapt(model, library, method, args)
@@ -105,21 +79,21 @@ def run(library, method, args, device, dtype):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen).to(device)
 
-    def step(count=None):
-        if count is not None:
-            with count:
-                loss = model(input_ids=ids, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
+    def forward():
+        return model(input_ids=ids, labels=ids).loss
+
+    def step(loss=None):
+        loss = forward() if loss is None else loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
 
     times, peak = time_steps(step, device, args.warmup, args.steps)
-    counter = SavedActivations(model)
-    step(counter)
-    result = {"time": statistics.median(times) if times else float("nan"), "peak": peak, "saved": counter.bytes}
+    losses = []  # one more step, its forward's saved tensors counted
+    saved = saved_bytes(lambda: losses.append(forward()), model.parameters())
+    step(losses.pop())
+    result = {"time": statistics.median(times) if times else float("nan"), "peak": peak, "saved": saved}
     if library == "modapt" and method == "dora":
         result["norm_error"] = norm_error(model)
     del model, params, optimizer

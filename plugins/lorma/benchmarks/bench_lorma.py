@@ -34,6 +34,7 @@ import subprocess
 import sys
 
 import torch
+from modapt.testing.memory import saved_bytes
 from modapt.testing.step_timing import time_steps
 from torch import nn
 
@@ -78,22 +79,6 @@ def autocast_ctx(device, autocast: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
 
 
-def saved_bytes(fn, exclude: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves while ``fn()`` runs, storages in ``exclude`` not counted."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in exclude:
-            seen[ptr] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def one(method: str, out_f: int, in_f: int, tokens: int, r: int, device: torch.device, dtype: torch.dtype,
         repeats: int, autocast: bool = False) -> dict:
     """Step time and memory of one configuration (run in a child process)."""
@@ -110,7 +95,7 @@ def one(method: str, out_f: int, in_f: int, tokens: int, r: int, device: torch.d
         for p in modapt.trainable_parameters(net).values():
             p.add_(0.01 * torch.randn_like(p))
     x = torch.randn(tokens, in_f, device=device, dtype=dtype, requires_grad=True)
-    params = {t.untyped_storage().data_ptr() for t in list(net.parameters()) + list(net.buffers())}
+    params = [*net.parameters(), *net.buffers()]
 
     def forward():
         with autocast_ctx(device, autocast):

@@ -35,7 +35,7 @@ import time
 
 import modapt
 import torch
-from modapt.testing.memory import peak_bytes
+from modapt.testing.memory import peak_bytes, saved_bytes
 
 SIZES = {  # LlamaConfig fields
     "tiny": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -131,20 +131,11 @@ class Run:
     def saved_bytes(self) -> int:
         """Bytes autograd keeps for the backward of one forward: each storage once, without the
         model's parameters and buffers (resident anyway)."""
-        resident = {t.untyped_storage().data_ptr() for t in list(self.model.parameters()) + list(self.model.buffers())}
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in resident:
-                seen[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss()
-        loss.backward()
+        losses = []
+        saved = saved_bytes(lambda: losses.append(self.loss()), [*self.model.parameters(), *self.model.buffers()])
+        losses.pop().backward()
         self.opt.zero_grad(set_to_none=True)
-        return sum(seen.values())
+        return saved
 
 
 def measure(methods: list[str], args, device: torch.device) -> dict[str, dict]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import modapt
 import pytest
 import torch
+from modapt.testing import memory
 from modapt_map.factored import MapFactored, compute_dtype
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -253,17 +254,7 @@ def test_gradcheck_float64(bias, eps):
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
     """Bytes autograd keeps for the backward of ``model(x)``: each storage once, parameters left out."""
-    resident = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in resident:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).sum().backward()
-    return sum(seen.values())
+    return memory.saved_bytes(lambda: model(x), model.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

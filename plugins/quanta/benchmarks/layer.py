@@ -26,7 +26,7 @@ import modapt
 import modapt.lora
 import modapt_quanta.plugin
 import torch
-from modapt.testing.memory import peak_bytes
+from modapt.testing.memory import peak_bytes, saved_bytes
 from modapt_quanta.circuit import apply_circuit
 from torch import nn
 
@@ -66,21 +66,14 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def saved_bytes(model, x, autocast) -> int:
+def saved_for_backward(model, x, autocast) -> int:
     """Bytes of the distinct storages autograd saves for backward, x and parameters/buffers excluded."""
-    skip = {x.untyped_storage().data_ptr()} | {t.untyped_storage().data_ptr()
-                                                for t in [*model.parameters(), *model.buffers()]}
-    storages = {}
 
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
+    def forward():
+        with autocast():
+            model(x)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
-        model(x)
-    return sum(storages.values())
+    return saved_bytes(forward, [x, *model.parameters(), *model.buffers()])
 
 
 def main():
@@ -140,7 +133,7 @@ def main():
             t = statistics.median(times[name])
             peak = peak_bytes(lambda: step(model), device) / 2**20
             base_peak = base_peak or peak
-            saved = saved_bytes(model, x, autocast) / 2**20
+            saved = saved_for_backward(model, x, autocast) / 2**20
             print(f"| {width} | {name} | {t * 1e3:.2f} | {t / base_t:.2f} | {saved:.1f} | {peak:.1f} | "
                   f"{peak / base_peak:.2f} |", flush=True)
 
