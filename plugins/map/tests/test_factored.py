@@ -11,7 +11,7 @@ from __future__ import annotations
 import modapt
 import pytest
 import torch
-from modapt.testing import memory
+from modapt.testing import LayerHolder, memory
 from modapt_map.factored import MapFactored, compute_dtype
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -30,25 +30,16 @@ def reg(registry):
     return registry
 
 
-class Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
-def make(kind: str, bias: bool = True) -> Holder:
+def make(kind: str, bias: bool = True) -> LayerHolder:
     gen = torch.Generator().manual_seed(0)
     layer = nn.Linear(IN, OUT, bias=bias) if kind == "linear" else Conv1D(OUT, IN)
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-    return Holder(layer)
+    return LayerHolder(layer)
 
 
-def adapted(reg, kind: str, update: str, *, dtype=torch.float32, bias=True, **update_options) -> Holder:
+def adapted(reg, kind: str, update: str, *, dtype=torch.float32, bias=True, **update_options) -> LayerHolder:
     model = make(kind, bias).to(dtype)
     recipe = {"adapter": [{"method": "map", "targets": ["layer"], "update": {**UPDATES[update], **update_options}}]}
     modapt.apply(model, recipe, registry=reg)
@@ -65,7 +56,7 @@ def update_params(host, update: str) -> dict[str, torch.Tensor]:
     return {"A": host.lora_A, "E": host.lora_E, "B": host.lora_B}
 
 
-def reference(model: Holder, kind: str, update: str, x: torch.Tensor, g: torch.Tensor):
+def reference(model: LayerHolder, kind: str, update: str, x: torch.Tensor, g: torch.Tensor):
     """(y, {name: gradient}) in float64 from the definition, for output gradient ``g``."""
     host = model.layer
     base = host.base_layer
@@ -87,7 +78,7 @@ def reference(model: Holder, kind: str, update: str, x: torch.Tensor, g: torch.T
     return y.detach(), dict(zip(leaves, grads))
 
 
-def ours(model: Holder, update: str, x: torch.Tensor, g: torch.Tensor):
+def ours(model: LayerHolder, update: str, x: torch.Tensor, g: torch.Tensor):
     host = model.layer
     x = x.detach().clone().requires_grad_()
     y = model(x)
@@ -213,7 +204,7 @@ def test_subclasses_embeddings_and_extra_arguments_keep_the_general_path(reg):
     assert compute_dtype(x, host, host.update) == torch.float32
     host.update.__class__ = type("MyLora", (Lora,), {})
     assert compute_dtype(x, host, host.update) is None
-    emb = Holder(nn.Embedding(20, OUT))
+    emb = LayerHolder(nn.Embedding(20, OUT))
     modapt.apply(emb, {"adapter": [{"method": "map", "targets": ["layer"], "update": UPDATES["lora"]}]}, registry=reg)
     assert compute_dtype(torch.randn(3, 20), emb.layer, emb.layer.update) is None
 

@@ -12,20 +12,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import modapt
+from modapt.testing import LayerHolder
 
 OUT, IN, VOCAB = 10, 12, 20
 
 
-class Holder(nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x):
-        return self.layer(x)
-
-
-def make(kind: str, seed: int = 0) -> Holder:
+def make(kind: str, seed: int = 0) -> LayerHolder:
     """A model holding one layer with canonical weight [OUT, IN] ([OUT, VOCAB] for the embedding)."""
     gen = torch.Generator().manual_seed(seed)
     layer = {"linear": lambda: nn.Linear(IN, OUT), "conv1d": lambda: Conv1D(OUT, IN),
@@ -33,7 +25,7 @@ def make(kind: str, seed: int = 0) -> Holder:
     with torch.no_grad():
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=gen))
-    return Holder(layer)
+    return LayerHolder(layer)
 
 
 def inputs(kind: str) -> torch.Tensor:
@@ -61,7 +53,7 @@ def randomise(model: nn.Module, seed: int = 1) -> None:
         p.copy_(torch.randn(p.shape, generator=gen) * (1.0 if p.dim() else 3.0))
 
 
-def reference(model: Holder, kind: str, update: str, x: torch.Tensor):
+def reference(model: LayerHolder, kind: str, update: str, x: torch.Tensor):
     """(W* [out, in], y) in float64, straight from the definition."""
     host = model.layer
     base = host.base_layer

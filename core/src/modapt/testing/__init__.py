@@ -6,6 +6,6 @@ available in every test session where modapt is installed.
 
 from __future__ import annotations
 
-from .models import MODEL_FACTORIES, tiny_bert, tiny_gpt2, tiny_llama, tiny_inputs
+from .models import MODEL_FACTORIES, LayerHolder, tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
 
-__all__ = ["MODEL_FACTORIES", "tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_inputs"]
+__all__ = ["MODEL_FACTORIES", "LayerHolder", "tiny_bert", "tiny_gpt2", "tiny_llama", "tiny_inputs"]

@@ -7,6 +7,19 @@ Each factory is deterministic for a given seed, so two calls build the same weig
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+
+class LayerHolder(nn.Module):
+    """A model of one layer, held as ``.layer`` (recipe target ``"layer"``) and called as it:
+    the smallest host for a weight adapter in a test."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return self.layer(*args, **kwargs)
 
 
 def tiny_llama(task: str = "causal-lm", seed: int = 0, **overrides):
