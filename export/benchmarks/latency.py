@@ -15,7 +15,9 @@ CPU in fp32. PyTorch eager runs the base model on the same inputs (same wrapper,
     python export/benchmarks/latency.py --size tiny
     python export/benchmarks/latency.py --size smollm2-135m --shapes 1x64 8x512 --repeats 50
 
-Prints a markdown table; ``--json FILE`` writes the figures.
+Prints a markdown table; ``--json FILE`` writes the figures. ``--interleave`` times the graphs in
+rounds (one run each, order rotated) and gives each its paired per-round ratio to the base, which
+drift between timing blocks (±5 % on a GPU) does not affect.
 """
 
 from __future__ import annotations
@@ -85,18 +87,53 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def time_once(fn, device) -> float:
+    """Milliseconds of one run of ``fn``, the device synchronised after it."""
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def summary(times: list[float]) -> dict:
+    times = sorted(times)
+    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))], "min_ms": times[0]}
+
+
 def timed(fn, device, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
         fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[int(0.9 * (len(times) - 1))], "min_ms": times[0]}
+    return summary([time_once(fn, device) for _ in range(repeats)])
+
+
+def timed_interleaved(fns: dict, device, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Times of ``fns`` (name: run) in ``repeats`` rounds, each run once a round, timed as :func:`timed`.
+
+    Every run is warmed up first; round ``r`` starts with the ``r``-th run (round-robin), so none
+    always goes first. Returns each name's times in round order: index ``r`` of two lists is a pair.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            times[name].append(time_once(fns[name], device))
+    return times
+
+
+def paired_ratios(times: list[float], base: list[float]) -> dict:
+    """Median and 10th/90th percentiles (linear interpolation) of the per-round ratios ``times / base``."""
+    ratios = [t / b for t, b in zip(times, base, strict=True)]
+    p10 = p90 = ratios[0]
+    if len(ratios) > 1:
+        deciles = statistics.quantiles(ratios, n=10, method="inclusive")
+        p10, p90 = deciles[0], deciles[-1]
+    return {"ratio_to_base": statistics.median(ratios), "ratio_p10": p10, "ratio_p90": p90}
 
 
 def time_torch(model, feeds, device, warmup, repeats) -> dict:
@@ -115,7 +152,8 @@ def time_torch(model, feeds, device, warmup, repeats) -> dict:
     return out
 
 
-def time_ort(ort: OrtModel, feeds, device, warmup, repeats) -> dict:
+def ort_runner(ort: OrtModel, feeds):
+    """One run of ``ort`` on ``feeds``: on CUDA through IO binding, on CPU from numpy."""
     if ort.on_cuda:
         # IO binding: inputs bound where they live (GPU), outputs allocated by ORT on the GPU
         cuda_feeds = {k: v.to("cuda") for k, v in feeds.items()}
@@ -129,8 +167,11 @@ def time_ort(ort: OrtModel, feeds, device, warmup, repeats) -> dict:
         def run():
             ort.session.run(None, host)
 
-    return timed(run, device, warmup, repeats)
+    return run
 
+
+def time_ort(ort: OrtModel, feeds, device, warmup, repeats) -> dict:
+    return timed(ort_runner(ort, feeds), device, warmup, repeats)
 
 
 def profile_ort(path: Path, feeds, device, runs: int, prefix: Path, threads: int | None) -> dict:
@@ -197,6 +238,9 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", type=int, default=0, metavar="RUNS",
                         help="also profile each graph over RUNS runs per shape with ONNX Runtime's profiler "
                              "(time by op type, nodes by provider, Memcpy count; files under --workdir)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="export every graph first, then time them in rounds (each once a round, order "
+                             "rotated) and report each graph's paired per-round ratio to the base")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -231,7 +275,8 @@ def main(argv=None) -> int:
                       "threads": torch.get_num_threads(), "exports": {}}
     if device.type == "cuda":
         meta["gpu"] = torch.cuda.get_device_name()
-    for variant in variants:
+
+    def export(variant: str):
         model = adapt(build_model(args.size, device, dtype), variant)
         out = workdir / f"{args.size}-{variant}-{meta['dtype']}"
         start = time.perf_counter()
@@ -246,35 +291,88 @@ def main(argv=None) -> int:
         print(f"exported {variant}: {manifest['nodes']} nodes, {meta['exports'][variant]['seconds']} s, "
               f"max abs error {manifest['verification']['max_abs_error']:.3g} on {manifest['verification']['provider']}",
               flush=True)
-        ort = OrtModel(out, session_options=session_options)
-        for batch, seq in shapes:
-            feeds = inputs(model.config, batch, seq, device, dtype)
-            if variant == "base":
-                t = time_torch(model, feeds, device, args.warmup, args.repeats)
-                rows.append({"graph": "torch eager (base)", "provider": str(device), "batch": batch, "seq": seq, **t})
+        return model, out
+
+    def ort_row(variant: str, ort: OrtModel, batch: int, seq: int, t: dict) -> dict:
+        return {"graph": f"ORT {variant}", "provider": ort.provider + (" + IO binding" if ort.on_cuda else ""),
+                "batch": batch, "seq": seq, **t}
+
+    def profile(variant: str, out: Path, feeds, batch: int, seq: int) -> None:
+        prof = profile_ort(out, feeds, device, args.profile, workdir / f"profile-{variant}-{batch}x{seq}",
+                           args.threads)
+        meta.setdefault("profiles", {})[f"{variant} {batch}x{seq}"] = prof
+        top = ", ".join(f"{op} {e['us']:.0f} µs ×{e['calls']:.0f}" for op, e in list(prof["by_op"].items())[:8])
+        print(f"profile {variant} {batch}x{seq}: {prof['nodes_optimised']} nodes after optimisation, "
+              f"{prof['memcpy_nodes']} Memcpy, by provider {prof['nodes_by_provider']}; per run: {top}",
+              flush=True)
+
+    def time_eager(model, feeds, batch: int, seq: int) -> None:
+        t = time_torch(model, feeds, device, args.warmup, args.repeats)
+        rows.append({"graph": "torch eager (base)", "provider": str(device), "batch": batch, "seq": seq, **t})
+        print(rows[-1], flush=True)
+
+    if not args.interleave:
+        for variant in variants:
+            model, out = export(variant)
+            ort = OrtModel(out, session_options=session_options)
+            for batch, seq in shapes:
+                feeds = inputs(model.config, batch, seq, device, dtype)
+                if variant == "base":
+                    time_eager(model, feeds, batch, seq)
+                rows.append(ort_row(variant, ort, batch, seq, time_ort(ort, feeds, device, args.warmup, args.repeats)))
                 print(rows[-1], flush=True)
-            t = time_ort(ort, feeds, device, args.warmup, args.repeats)
-            rows.append({"graph": f"ORT {variant}", "provider": ort.provider + (" + IO binding" if ort.on_cuda else ""),
-                         "batch": batch, "seq": seq, **t})
-            print(rows[-1], flush=True)
+                if args.profile:
+                    profile(variant, out, feeds, batch, seq)
+            del ort, model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    else:
+        # every graph exported and its session open first; only the base model is kept (for eager)
+        if "base" not in variants:
+            print("--interleave without the base variant: no ratios to base")
+        sessions, outs, eager, config = {}, {}, None, None
+        for variant in variants:
+            model, outs[variant] = export(variant)
+            config = model.config
+            sessions[variant] = OrtModel(outs[variant], session_options=session_options)
+            if variant == "base":
+                eager = model
+            else:
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        for batch, seq in shapes:
+            feeds = inputs(config, batch, seq, device, dtype)
+            if eager is not None:
+                time_eager(eager, feeds, batch, seq)
+            times = timed_interleaved({v: ort_runner(ort, feeds) for v, ort in sessions.items()},
+                                      device, args.warmup, args.repeats)
+            for variant, ort in sessions.items():
+                row = ort_row(variant, ort, batch, seq, {**summary(times[variant]), "runs": len(times[variant])})
+                if variant != "base" and "base" in times:
+                    row.update(paired_ratios(times[variant], times["base"]))
+                rows.append(row)
+                print(row, flush=True)
             if args.profile:
-                prof = profile_ort(out, feeds, device, args.profile, workdir / f"profile-{variant}-{batch}x{seq}",
-                                   args.threads)
-                meta.setdefault("profiles", {})[f"{variant} {batch}x{seq}"] = prof
-                top = ", ".join(f"{op} {e['us']:.0f} µs ×{e['calls']:.0f}" for op, e in list(prof["by_op"].items())[:8])
-                print(f"profile {variant} {batch}x{seq}: {prof['nodes_optimised']} nodes after optimisation, "
-                      f"{prof['memcpy_nodes']} Memcpy, by provider {prof['nodes_by_provider']}; per run: {top}",
-                      flush=True)
-        del ort, model
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                for variant in sessions:
+                    profile(variant, outs[variant], feeds, batch, seq)
+        del sessions, eager
 
     print(f"\n{args.size}, {meta['dtype']}, {meta.get('gpu', meta['cpu'])}, torch {meta['torch']}, "
-          f"onnxruntime {meta['onnxruntime']}, median of {args.repeats} ({args.warmup} warm-up)\n")
-    print("| graph | provider | batch × seq | median ms | p90 ms |")
-    print("|---|---|---|---|---|")
+          f"onnxruntime {meta['onnxruntime']}, median of {args.repeats} ({args.warmup} warm-up)"
+          + (", ONNX Runtime graphs interleaved (one run each per round, order rotated)" if args.interleave else "")
+          + "\n")
+    paired = any("ratio_to_base" in r for r in rows)
+    print("| graph | provider | batch × seq | median ms | p90 ms |" + (" × base (paired) |" if paired else ""))
+    print("|---|---|---|---|---|" + ("---|" if paired else ""))
     for r in rows:
-        print(f"| {r['graph']} | {r['provider']} | {r['batch']} × {r['seq']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |")
+        line = f"| {r['graph']} | {r['provider']} | {r['batch']} × {r['seq']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |"
+        if paired:
+            if "ratio_to_base" in r:
+                line += f" {r['ratio_to_base']:.3f} ({r['ratio_p10']:.3f}–{r['ratio_p90']:.3f}) |"
+            else:
+                line += " 1.000 |" if r["graph"] == "ORT base" else " |"
+        print(line)
     print("\n| export | nodes | seconds | max abs error (verification) |")
     print("|---|---|---|---|")
     for v, e in meta["exports"].items():
