@@ -99,49 +99,55 @@ class MapFactored(torch.autograd.Function):
     α and β.
 
     The magnitudes are computed here too: a = α/‖W0‖ and b = β/max(‖ΔW‖, eps) with
-    ‖ΔW‖² = sum((LᵀL) ⊙ (R Rᵀ)), the contract's closed form (k×k work, in the factors' dtype),
-    and their backward is written out: as autograd nodes, these few scalar and k×k ops cost
-    more dispatches per layer than the rest of the layer (the launch-bound 135M regime).
+    ‖ΔW‖² = ⟨LᵀL, R Rᵀ⟩, the contract's closed form (k×k work, in the factors' dtype),
+    and their backward is written out. Every aten call counts: on the 1B shape of the benchmark
+    the eager step is bound by the host issuing ops (H200: 409 ms of host time per step against
+    170 ms of kernels before this was trimmed), so no call is made that returns its input
+    (``.to`` of the same dtype), 0-dim operands enter the kernels as they are (a float32 0-dim
+    tensor beside a bf16 [N, ·] one is rounded to bf16 inside the kernel, as ``.to`` would), and
+    the reductions use the k-wide products already at hand (⟨g L, h⟩ = ⟨L, gᵀh⟩).
     """
 
     @staticmethod
     def forward(ctx, x, w0, bias, left, right, alpha, beta, w0_norm, eps, dtype):
-        with torch.autocast(x.device.type, enabled=False):  # k×k work in the factors' own dtype
-            gram_left = left.t() @ left  # LᵀL [k, k]
-            gram_right = right @ right.t()  # R Rᵀ [k, k]
-        sq = (gram_left * gram_right).sum(dtype=torch.promote_types(left.dtype, torch.float32))  # ‖L R‖_F²
-        norm = sq.clamp_min(eps * eps).sqrt()
-        a = alpha / w0_norm
+        factor_dtype = left.dtype
+        if torch.is_autocast_enabled(x.device.type):  # k×k work in the factors' own dtype
+            with torch.autocast(x.device.type, enabled=False):
+                gram_left, gram_right, sq = _grams(left, right)
+        else:
+            gram_left, gram_right, sq = _grams(left, right)
+        sq_floor = sq.clamp_min(eps * eps)
+        norm = sq_floor.sqrt()
         b = beta / norm
+        am1 = torch.addcdiv(_minus_one(alpha), alpha, w0_norm)  # a − 1 = α/‖W0‖ − 1
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != dtype:
             x2 = x2.to(dtype)  # cast once, for the base and the update alike; stored cast
         w0c = w0 if w0.dtype == dtype else w0.to(dtype)
         bias_c = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
-        left_c = left if left.dtype == dtype else left.to(dtype)
-        right_c = right if right.dtype == dtype else right.to(dtype)
+        right_c = right if factor_dtype == dtype else right.to(dtype)
         y = F.linear(x2, w0c, bias_c)  # W0 x + bias: the base layer's output [N, out]
-        # (a − 1) is rounded to the compute dtype, not a: its rounding error then scales the
+        # (a − 1) enters rounded to the compute dtype, not a: its rounding error then scales the
         # correction only, and a = 1 adds exactly 0
-        am1 = (a - 1).to(dtype)
         if bias is None:
             y.addcmul_(y, am1)
         else:
             y = torch.addcmul(y, y - bias_c, am1)
-        h = torch.mm(x2, right_c.t())  # [N, k]
+        h = F.linear(x2, right_c)  # x Rᵀ [N, k]
         scaled_left = left * b
-        y.addmm_(h, (scaled_left if scaled_left.dtype == dtype else scaled_left.to(dtype)).t())
-        ctx.save_for_backward(x2, h, w0c, left_c, left, right, gram_left, gram_right, sq, norm, a, b, w0_norm)
-        ctx.meta = (shape, x.dtype, None if bias is None else bias.dtype, alpha.dtype, beta.dtype, eps * eps)
+        y.addmm_(h, (scaled_left if factor_dtype == dtype else scaled_left.to(dtype)).t())
+        ctx.save_for_backward(x2, h, w0c, left, right, gram_left, gram_right, sq, sq_floor, norm, am1, b, w0_norm)
+        ctx.meta = (shape, x.dtype, None if bias is None else bias.dtype, eps * eps)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
-        x2, h, w0c, left_c, left, right, gram_left, gram_right, sq, norm, a, b, w0_norm = ctx.saved_tensors
-        shape, x_dtype, bias_dtype, alpha_dtype, beta_dtype, eps_sq = ctx.meta
+        x2, h, w0c, left, right, gram_left, gram_right, sq, sq_floor, norm, am1, b, w0_norm = ctx.saved_tensors
+        shape, x_dtype, bias_dtype, eps_sq = ctx.meta
         need_x, _, need_bias, need_left, need_right, need_alpha, need_beta = ctx.needs_input_grad[:7]
         dtype = x2.dtype
+        factor_dtype = left.dtype
         g = grad.reshape(-1, grad.shape[-1])
         if g.dtype != dtype:
             g = g.to(dtype)
@@ -149,33 +155,64 @@ class MapFactored(torch.autograd.Function):
         grad_x = grad_bias = grad_left = grad_right = grad_alpha = grad_beta = None
         if need_bias:
             grad_bias = g.sum(dim=0, dtype=acc).to(bias_dtype)
-        # ∂L/∂b = ⟨g, h Lᵀ⟩ = ⟨g L, h⟩; b = β/‖ΔW‖ passes it to β and, through ‖ΔW‖, to L and R
-        g_left = torch.mm(g, left_c) if (need_x or need_right or need_left or need_beta) else None  # g L [N, k]
-        if need_left or need_right or need_beta:
-            grad_b = inner(g_left, h, acc).float()
+        need_update = need_left or need_right or need_beta
+        left_c = left if factor_dtype == dtype else left.to(dtype)
+        g_left = torch.mm(g, left_c) if (need_x or need_right) else None  # g L [N, k]
+        if need_update:
+            # ∂L/∂L's data term gᵀh [out, k]; ∂L/∂b = ⟨g, h Lᵀ⟩ = ⟨L, gᵀh⟩ (out×k work, not N×k)
+            g_h = torch.mm(g.t(), h)
+            if g_h.dtype != factor_dtype:
+                g_h = g_h.to(factor_dtype)
+            grad_b = torch.dot(left.reshape(-1), g_h.reshape(-1))
             if need_beta:
-                grad_beta = (grad_b / norm).to(beta_dtype)
-            # ∂L/∂(‖ΔW‖²) · 2 = −∂L/∂b · b/‖ΔW‖² (0 below the floor): the k×k terms of the factors' gradients
-            coef = torch.where(sq >= eps_sq, -grad_b * b / (norm * norm), 0.0)
-            with torch.autocast(g.device.type, enabled=False):
-                if need_left:  # b · gᵀ h + coef · L (R Rᵀ)   [out, k]
-                    grad_left = torch.addcmul(left @ (gram_right * coef).to(left.dtype),
-                                              torch.mm(g.t(), h).to(left.dtype), b.to(left.dtype))
-                if need_right:  # b · (g L)ᵀ x + coef · (LᵀL) R   [k, in]
-                    grad_right = torch.addcmul((gram_left * coef).to(right.dtype) @ right,
-                                               torch.mm(g_left.t(), x2).to(right.dtype), b.to(right.dtype))
+                grad_beta = grad_b / norm
+            # ∂L/∂(‖ΔW‖²)·2 = −∂L/∂b · b/‖ΔW‖² (0 below the floor), times L (R Rᵀ) and (LᵀL) R
+            coef = torch.where(sq >= eps_sq, grad_b * b / sq_floor, 0.0)
+            if need_left:  # b · gᵀh − coef · L (R Rᵀ)   [out, k]
+                grad_left = g_h.mul_(b).addcmul_(left @ gram_right, coef, value=-1)
+            if need_right:  # b · (g L)ᵀ x − coef · (LᵀL) R   [k, in]
+                g_x = torch.mm(g_left.t(), x2)
+                if g_x.dtype != factor_dtype:
+                    g_x = g_x.to(factor_dtype)
+                grad_right = g_x.mul_(b).addcmul_(gram_left @ right, coef, value=-1)
         if need_x or need_alpha:
             g_w0 = torch.mm(g, w0c)  # [N, in]: the base path's input gradient before the factor a
             if need_alpha:
-                grad_alpha = (inner(g_w0, x2, acc) / w0_norm).to(alpha_dtype)  # ⟨g, W0 x⟩/‖W0‖ = ⟨g W0, x⟩/‖W0‖
+                grad_alpha = inner(g_w0, x2, acc) / w0_norm  # ⟨g, W0 x⟩/‖W0‖ = ⟨g W0, x⟩/‖W0‖
             if need_x:
                 scaled_right = right * b
-                if scaled_right.dtype != dtype:
+                if factor_dtype != dtype:
                     scaled_right = scaled_right.to(dtype)
                 # a·g W0 + b·(g L) R, a as 1 + (a − 1) for the forward's reason: a rounded to bf16
                 # would scale the whole input gradient by up to 1 ± 2⁻⁹, (a − 1) rounded only its correction
-                grad_x = g_w0.addcmul_(g_w0, (a - 1).to(dtype)).addmm_(g_left, scaled_right)
+                grad_x = g_w0.addcmul_(g_w0, am1).addmm_(g_left, scaled_right)
                 grad_x = grad_x.view(shape)
                 if grad_x.dtype != x_dtype:
                     grad_x = grad_x.to(x_dtype)
         return grad_x, None, grad_bias, grad_left, grad_right, grad_alpha, grad_beta, None, None, None
+
+
+def _grams(left: torch.Tensor, right: torch.Tensor):
+    """(LᵀL [k, k], R Rᵀ [k, k], ‖L R‖_F² = ⟨LᵀL, R Rᵀ⟩ 0-dim, at least float32)."""
+    gram_left = torch.mm(left.t(), left)
+    gram_right = torch.mm(right, right.t())
+    if gram_left.dtype in (torch.float32, torch.float64):
+        sq = torch.dot(gram_left.reshape(-1), gram_right.reshape(-1))
+    else:
+        sq = (gram_left * gram_right).sum(dtype=torch.float32)
+    return gram_left, gram_right, sq
+
+
+_MINUS_ONE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _minus_one(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim −1 of ``like``'s device and dtype, made once (``addcdiv``'s base: a − 1 in one op).
+    Not memoised under torch.compile: dynamo does not trace a write to a module-level dict."""
+    if torch.compiler.is_compiling():
+        return torch.full((), -1.0, device=like.device, dtype=like.dtype)
+    key = (like.device, like.dtype)
+    value = _MINUS_ONE.get(key)
+    if value is None:
+        value = _MINUS_ONE[key] = torch.full((), -1.0, device=like.device, dtype=like.dtype)
+    return value

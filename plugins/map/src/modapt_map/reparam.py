@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from modapt import Reparam, Update, layers
+from modapt.lora import Lora
 from torch import nn
 
 from .factored import MapFactored, compute_dtype
@@ -109,10 +110,17 @@ class Map(Reparam):
         base = self.base_layer
         dtype = None if args or kwargs else compute_dtype(x, self.host, self.update)
         if dtype is not None:
-            left, right = self.update.factors()
             host = self.host
+            update = self.update
+            eps = self.options.eps
+            if type(update) is Lora:
+                # L = s·B passed as B with the floor eps/s: b·L = (s·b)·B, max(‖ΔW‖, eps) = s·max(‖B A‖, eps/s),
+                # and the node's gradient for its L is then B's; one op and one autograd node fewer per layer
+                left, right, eps = host.lora_B.weight, host.lora_A.weight, eps / update.scaling
+            else:
+                left, right = update.factors()
             return MapFactored.apply(x, layers.weight_of(base), base.bias, left, right, host.map_alpha,
-                                     host.map_beta, host.map_w0_norm, self.options.eps, dtype)
+                                     host.map_beta, host.map_w0_norm, eps, dtype)
         base_out = base(x, *args, **kwargs)
         a, b = self.scales(layers.weight_of(base))
         delta_x = self.update.forward(x, base_out, base)
