@@ -135,8 +135,7 @@ class MapFactored(torch.autograd.Function):
         else:
             y = torch.addcmul(y, y - bias_c, am1)
         h = F.linear(x2, right_c)  # x Rᵀ [N, k]
-        scaled_left = left * b
-        y.addmm_(h, (scaled_left if factor_dtype == dtype else scaled_left.to(dtype)).t())
+        y.addmm_(h, _scaled_to(left, b, dtype).t())  # + b·h Lᵀ, b·L rounded once to the compute dtype
         ctx.save_for_backward(x2, h, w0c, left, right, gram_left, gram_right, sq, sq_floor, norm, am1, b, w0_norm)
         ctx.meta = (shape, x.dtype, None if bias is None else bias.dtype, eps * eps)
         return y.view(*shape[:-1], y.shape[-1])
@@ -160,9 +159,7 @@ class MapFactored(torch.autograd.Function):
         g_left = torch.mm(g, left_c) if (need_x or need_right) else None  # g L [N, k]
         if need_update:
             # ∂L/∂L's data term gᵀh [out, k]; ∂L/∂b = ⟨g, h Lᵀ⟩ = ⟨L, gᵀh⟩ (out×k work, not N×k)
-            g_h = torch.mm(g.t(), h)
-            if g_h.dtype != factor_dtype:
-                g_h = g_h.to(factor_dtype)
+            g_h = _mm_to(g.t(), h, factor_dtype)
             grad_b = torch.dot(left.reshape(-1), g_h.reshape(-1))
             if need_beta:
                 grad_beta = grad_b / norm
@@ -171,21 +168,16 @@ class MapFactored(torch.autograd.Function):
             if need_left:  # b · gᵀh − coef · L (R Rᵀ)   [out, k]
                 grad_left = g_h.mul_(b).addcmul_(left @ gram_right, coef, value=-1)
             if need_right:  # b · (g L)ᵀ x − coef · (LᵀL) R   [k, in]
-                g_x = torch.mm(g_left.t(), x2)
-                if g_x.dtype != factor_dtype:
-                    g_x = g_x.to(factor_dtype)
+                g_x = _mm_to(g_left.t(), x2, factor_dtype)
                 grad_right = g_x.mul_(b).addcmul_(gram_left @ right, coef, value=-1)
         if need_x or need_alpha:
             g_w0 = torch.mm(g, w0c)  # [N, in]: the base path's input gradient before the factor a
             if need_alpha:
                 grad_alpha = inner(g_w0, x2, acc) / w0_norm  # ⟨g, W0 x⟩/‖W0‖ = ⟨g W0, x⟩/‖W0‖
             if need_x:
-                scaled_right = right * b
-                if factor_dtype != dtype:
-                    scaled_right = scaled_right.to(dtype)
                 # a·g W0 + b·(g L) R, a as 1 + (a − 1) for the forward's reason: a rounded to bf16
                 # would scale the whole input gradient by up to 1 ± 2⁻⁹, (a − 1) rounded only its correction
-                grad_x = g_w0.addcmul_(g_w0, am1).addmm_(g_left, scaled_right)
+                grad_x = g_w0.addcmul_(g_w0, am1).addmm_(g_left, _scaled_to(right, b, dtype))
                 grad_x = grad_x.view(shape)
                 if grad_x.dtype != x_dtype:
                     grad_x = grad_x.to(x_dtype)
@@ -201,6 +193,33 @@ def _grams(left: torch.Tensor, right: torch.Tensor):
     else:
         sq = (gram_left * gram_right).sum(dtype=torch.float32)
     return gram_left, gram_right, sq
+
+
+def _scaled_to(factor: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """factor ⊙ scale computed in the factor's dtype and written in ``dtype``: one kernel, where
+    a product and a cast are two (``mul`` with an ``out`` of the narrower dtype rounds once)."""
+    if factor.dtype == dtype:
+        return factor * scale
+    return torch.mul(factor, scale, out=torch.empty(factor.shape, dtype=dtype, device=factor.device))
+
+
+#: device type -> whether ``torch.mm(half, half, out_dtype=float32)`` runs there (CUDA: yes, CPU: no)
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _mm_to(p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """p q in ``dtype`` (a factor's gradient [out, k] or [k, in]). Half operands with a float32
+    result: one GEMM with float32 output where the device has it (CUDA), which also skips the
+    rounding of the product to half; elsewhere the product and a cast."""
+    if p.dtype != dtype and dtype == torch.float32 and not torch.compiler.is_compiling():
+        device = p.device.type
+        if _MM_OUT_DTYPE.get(device, device == "cuda"):
+            try:
+                return torch.mm(p, q, out_dtype=torch.float32)
+            except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+                _MM_OUT_DTYPE[device] = False
+    out = torch.mm(p, q)
+    return out if out.dtype == dtype else out.to(dtype)
 
 
 _MINUS_ONE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
