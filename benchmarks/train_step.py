@@ -300,6 +300,7 @@ def profile_steps(name: str, train_step: Callable[[int], None], steps: range, se
     or on the CPU without CUDA) to ``profile_dir/profile_<name>.txt`` and return per-step totals:
     ``{"steps", "device_ms", "cpu_ms", "kernels", "table"}``. Where a method's step time is
     missed, this says which kernels (or which host-side dispatch) the extra time goes to."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if setup.device == "cuda" else [])
@@ -314,8 +315,13 @@ def profile_steps(name: str, train_step: Callable[[int], None], steps: range, se
     path = Path(setup.profile_dir) / f"profile_{name.replace('@', '_at_')}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"{name}: {len(steps)} steps profiled\n" + events.table(sort_by=sort, row_limit=40) + "\n")
-    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) if on_device else 0.0
-    kernels = sum(e.count for e in events if on_device and getattr(e, "self_device_time_total", 0) > 0)
+    # the device's own events only (kernels, copies): an aten op's row also carries the time of the
+    # kernels it launched, and a user annotation (the optimizer step) spans others, so summing every
+    # row counted each kernel about twice (the JSONs of runs before 2026-12-04 did)
+    kernel_events = [e for e in events if on_device and e.device_type == DeviceType.CUDA
+                     and not getattr(e, "is_user_annotation", False)]
+    device_us = sum(e.self_device_time_total for e in kernel_events)
+    kernels = sum(e.count for e in kernel_events)
     return {"steps": len(steps), "device_ms": device_us / 1000 / len(steps),
             "cpu_ms": sum(e.self_cpu_time_total for e in events) / 1000 / len(steps),
             "kernels": kernels / len(steps), "table": str(path)}
