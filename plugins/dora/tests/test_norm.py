@@ -118,3 +118,22 @@ def test_update_without_factors_falls_back_to_delta_weight(registry):
     inputs = tiny_inputs()
     with torch.no_grad():
         torch.testing.assert_close(slow(**inputs).logits, fast(**inputs).logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("supported", [True, False])
+def test_rows_times_split_product_on_a_half_w0(monkeypatch, supported):
+    """W0 Rᵀ for a bf16 W0 and float32 R: with the float32-output GEMM (CUDA's; emulated) R is split
+    into two bf16 parts (~16 bits kept) and W0 read once, else W0 is upcast; both near the float64 product."""
+    from modapt.testing.float32_gemm import emulate_float32_mm
+    from modapt_dora.norm import split_product_available
+
+    calls = emulate_float32_mm(monkeypatch, supported)
+    gen = torch.Generator().manual_seed(3)
+    w0 = torch.randn(24, 64, generator=gen).to(torch.bfloat16)
+    right = torch.randn(4, 64, generator=gen)
+    got = rows_times(w0, right)
+    want = w0.double() @ right.double().t()
+    assert got.dtype == torch.float32 and got.shape == (24, 4)
+    assert float((got.double() - want).abs().max() / want.abs().max()) < (2e-5 if supported else 1e-6)
+    assert calls == [torch.float32]
+    assert split_product_available("cpu") is supported

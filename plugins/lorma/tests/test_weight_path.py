@@ -337,28 +337,18 @@ def test_grad_t_float32_output_gemm_and_its_fallback(monkeypatch, device_has_it)
     """∂T from the bf16 ∂W* and W0: one GEMM with float32 output where the device has it (CUDA; emulated
     by a ``torch.mm`` that takes ``out_dtype``), else the float32 product of upcast copies; the same
     numbers (bf16 products are exact in float32), pre and post."""
+    from modapt import float32_gemm
+    from modapt.testing.float32_gemm import emulate_float32_mm
     from modapt_lorma import weight_path
-
-    real_mm = torch.mm
-    calls = []
-
-    def mm(a, b, *, out_dtype=None):
-        if out_dtype is None:
-            return real_mm(a, b)
-        calls.append(out_dtype)
-        if not device_has_it:
-            raise NotImplementedError("aten::mm.dtype is not available on this backend")
-        return real_mm(a.float(), b.float())
 
     gen = torch.Generator().manual_seed(4)
     w0 = torch.randn(48, 32, generator=gen).to(torch.bfloat16)
     grad_w = torch.randn(48, 32, generator=gen).to(torch.bfloat16)
-    monkeypatch.setattr(weight_path, "_MM_OUT_DTYPE", {"cpu": True})
-    monkeypatch.setattr(torch, "mm", mm)
+    calls = emulate_float32_mm(monkeypatch, device_has_it)
     for pre in (True, False):
         got = weight_path._grad_t(grad_w, w0, pre, torch.float32)
         want = grad_w.double() @ w0.double().t() if pre else w0.double().t() @ grad_w.double()
         assert got.dtype == torch.float32 and got.shape == want.shape
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     assert calls == [torch.float32] * (2 if device_has_it else 1)
-    assert weight_path._MM_OUT_DTYPE["cpu"] is device_has_it
+    assert float32_gemm.available("cpu") is device_has_it

@@ -138,27 +138,16 @@ def test_float32_output_gemms_and_their_fallback(reg, monkeypatch, device_has_it
     """The factors' gradients gᵀh and (gL)ᵀx on a bf16 base come from GEMMs with float32 output where
     the device has them (CUDA; emulated here by a ``torch.mm`` that takes ``out_dtype``), else from
     the product and a cast (a CPU raises, the path is remembered): both give the formula's gradients."""
-    from modapt_map import factored
+    from modapt import float32_gemm
+    from modapt.testing.float32_gemm import emulate_float32_mm
 
-    real_mm = torch.mm
-    calls = []
-
-    def mm(a, b, *, out_dtype=None):
-        if out_dtype is None:
-            return real_mm(a, b)
-        calls.append(out_dtype)
-        if not device_has_it:
-            raise NotImplementedError("aten::mm.dtype is not available on this backend")
-        return real_mm(a.float(), b.float())  # bf16 products are exact in float32
-
-    monkeypatch.setattr(factored, "_MM_OUT_DTYPE", {"cpu": True})
-    monkeypatch.setattr(torch, "mm", mm)
+    calls = emulate_float32_mm(monkeypatch, device_has_it)
     model = adapted(reg, "linear", "lora", dtype=torch.bfloat16)
     x, g = inputs(torch.bfloat16)
     _, grads = ours(model, "lora", x, g)
     _, want = reference(model, "linear", "lora", x, g)
     assert calls == [torch.float32] * (2 if device_has_it else 1)  # after one refusal it is not asked again
-    assert factored._MM_OUT_DTYPE["cpu"] is device_has_it
+    assert float32_gemm.available("cpu") is device_has_it
     for name in ("A", "B", "beta"):
         assert rel_err(grads[name], want[name]) < 2e-2, name
 

@@ -21,9 +21,8 @@ has the measured figures).
 from __future__ import annotations
 
 import torch
-
-# device type -> whether torch.mm(bf16, bf16, out_dtype=float32) works there (CUDA does, CPU not)
-_MM_OUT_DTYPE: dict[str, bool] = {}
+from modapt import float32_gemm
+from modapt.float32_gemm import mm_float32
 
 
 @torch.no_grad()
@@ -57,24 +56,19 @@ def rows_times(w0: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     right = right.float()
     if w0.dtype in (torch.float32, torch.float64):
         return (w0 @ right.t().to(w0.dtype)).float()
-    device = w0.device.type
-    if _MM_OUT_DTYPE.get(device, True):
-        hi = right.to(w0.dtype)
-        lo = (right - hi.float()).to(w0.dtype)
-        try:
-            prod = torch.mm(w0, torch.cat([hi, lo]).t(), out_dtype=torch.float32)  # [out, 2k]
-            _MM_OUT_DTYPE[device] = True
-            k = right.shape[0]
-            return prod[:, :k] + prod[:, k:]
-        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
-            _MM_OUT_DTYPE[device] = False
+    hi = right.to(w0.dtype)
+    lo = (right - hi.float()).to(w0.dtype)
+    prod = mm_float32(w0, torch.cat([hi, lo]).t())  # [out, 2k]
+    if prod is not None:
+        k = right.shape[0]
+        return prod[:, :k] + prod[:, k:]
     return w0.float() @ right.t()
 
 
 def split_product_available(device_type: str) -> bool | None:
     """Whether :func:`rows_times` used the split half-precision product on this device type
     (``None``: not tried yet). The benchmark prints it."""
-    return _MM_OUT_DTYPE.get(device_type)
+    return float32_gemm.available(device_type)
 
 
 #: rows per layer whose norm is recomputed directly (those where ΔW cancels most of W0)

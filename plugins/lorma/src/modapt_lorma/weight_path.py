@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from modapt.float32_gemm import mm_float32
 
 from .inflation import _rotate
 
@@ -94,25 +95,18 @@ def _weight(t, w0, pre, build_dtype, gemm_dtype):
     return (t @ w0 if pre else w0 @ t).to(gemm_dtype)
 
 
-#: device type -> whether ``torch.mm(half, half, out_dtype=float32)`` runs there (CUDA: yes, CPU: no)
-_MM_OUT_DTYPE: dict[str, bool] = {}
-
-
 def _grad_t(grad_w, w0, pre, build_dtype):
     """∂T = ∂W*·W0ᵀ (pre) or W0ᵀ·∂W* (post) [d, d] in ``build_dtype`` from ∂W* [out, in] in the GEMM dtype.
 
     ∂W* is a half GEMM's output; multiplied with the half W0 in one GEMM with float32 output
-    (CUDA) the products are exact and the sums float32, as the float32 GEMM over their upcast
-    copies computes, without the two out×in float32 copies and on the half tensor cores.
+    (:func:`modapt.float32_gemm.mm_float32`, CUDA) the products are exact and the sums float32, as
+    the float32 GEMM over their upcast copies computes, without the two out×in float32 copies and
+    on the half tensor cores.
     """
-    device = grad_w.device.type
-    half = grad_w.dtype in (torch.bfloat16, torch.float16) and w0.dtype == grad_w.dtype
-    if half and build_dtype == torch.float32 and _MM_OUT_DTYPE.get(device, device == "cuda"):
-        try:
-            return torch.mm(grad_w, w0.t(), out_dtype=torch.float32) if pre else \
-                torch.mm(w0.t(), grad_w, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
-            _MM_OUT_DTYPE[device] = False
+    if build_dtype == torch.float32 and grad_w.dtype in (torch.bfloat16, torch.float16) and w0.dtype == grad_w.dtype:
+        out = mm_float32(grad_w, w0.t()) if pre else mm_float32(w0.t(), grad_w)
+        if out is not None:
+            return out
     grad_w = grad_w.to(build_dtype)
     w0b = w0.to(build_dtype)
     return grad_w @ w0b.t() if pre else w0b.t() @ grad_w

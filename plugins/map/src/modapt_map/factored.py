@@ -42,6 +42,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from modapt import Update, layers
+from modapt.float32_gemm import mm_float32
 from modapt.tracing import exporting
 from torch import nn
 
@@ -203,21 +204,14 @@ def _scaled_to(factor: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
     return torch.mul(factor, scale, out=torch.empty(factor.shape, dtype=dtype, device=factor.device))
 
 
-#: device type -> whether ``torch.mm(half, half, out_dtype=float32)`` runs there (CUDA: yes, CPU: no)
-_MM_OUT_DTYPE: dict[str, bool] = {}
-
-
 def _mm_to(p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """p q in ``dtype`` (a factor's gradient [out, k] or [k, in]). Half operands with a float32
-    result: one GEMM with float32 output where the device has it (CUDA), which also skips the
-    rounding of the product to half; elsewhere the product and a cast."""
-    if p.dtype != dtype and dtype == torch.float32 and not torch.compiler.is_compiling():
-        device = p.device.type
-        if _MM_OUT_DTYPE.get(device, device == "cuda"):
-            try:
-                return torch.mm(p, q, out_dtype=torch.float32)
-            except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
-                _MM_OUT_DTYPE[device] = False
+    result: one GEMM with float32 output where the device has it (:func:`modapt.float32_gemm.mm_float32`),
+    which also skips the rounding of the product to half; elsewhere the product and a cast."""
+    if p.dtype != dtype and dtype == torch.float32:
+        out = mm_float32(p, q)
+        if out is not None:
+            return out
     out = torch.mm(p, q)
     return out if out.dtype == dtype else out.to(dtype)
 
