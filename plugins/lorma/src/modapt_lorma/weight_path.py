@@ -22,8 +22,8 @@ is read from the layer again, and T is rebuilt from A and B (r·d², cheap).
 Dtypes follow the direct path: T is built in the parameters' dtype (float32 for fp32
 adapters on a bf16 base), or in the autocast dtype under autocast; the N-token GEMMs run in
 the dtype the base layer runs in (its weight's dtype, or the autocast dtype). W* for a float32
-T over a half base is W0 + (T − I)·W0 in one half GEMM (:func:`_weight`), so the forward is the
-merged layer's (``merge`` builds T·W0 in float32) up to W*'s own rounding.
+T over a half base comes from one half GEMM over T's two half parts (:func:`_weight`), so the
+forward is the merged layer's (``merge`` builds T·W0 in float32) up to ~2⁻¹⁷ of T and W*'s rounding.
 """
 
 from __future__ import annotations
@@ -79,18 +79,20 @@ def _t_matrix(a, b, scaling, dtype):
 def _weight(t, w0, pre, build_dtype, gemm_dtype):
     """W* = T·W0 (pre) or W0·T (post) [out, in] in ``gemm_dtype``.
 
-    A float32 T over a half W0 (fp32 adapters on a bf16 base): W* = W0 + (T − I)·W0, one GEMM in
-    the half dtype with W0 added in its epilogue (float32 accumulation, one rounding). T − I is
-    small where T is near the identity (training starts at T = I), so rounding it to half costs
-    ~2⁻⁹ of the correction, far below W*'s own rounding: the error against float64 is the float32
-    build's (‖·‖ relative 8.0e-4 / 1.65e-3 for ‖T − I‖ ~ 10⁻³ / 10⁻², README "Dtypes"), and the
-    out·in·d product runs on the half tensor cores instead of float32 ones (H200, 1B: those float32
-    GEMMs were ~350 of 525 ms of kernels a step). ``t`` is a fresh buffer: its diagonal is changed.
+    A float32 T over a half W0 (fp32 adapters on a bf16 base): T is split into two half parts,
+    T = T_hi + T_lo (T_hi = half(T), T_lo = half(T − T_hi): ~16 of float32's 24 mantissa bits),
+    and W* = [T_hi, T_lo]·[W0; W0] (or [W0, W0]·[T_hi; T_lo]) is one half GEMM over twice the inner
+    size: the products of half values are exact in its float32 accumulator and W* is rounded once,
+    so W* is the float32 build's to ~2⁻¹⁷ of T, for any T (near the identity or not), while the
+    out·in·d work runs on the half tensor cores instead of the float32 units (H200, 1B: those
+    float32 GEMMs were ~350 of LoRMAπ's 525 ms of kernels a step; README "Dtypes").
     """
     if build_dtype == torch.float32 and gemm_dtype in (torch.bfloat16, torch.float16) and w0.dtype == gemm_dtype:
-        t.diagonal().sub_(1.0)
-        delta = t.to(gemm_dtype)
-        return torch.addmm(w0, delta, w0) if pre else torch.addmm(w0, w0, delta)
+        hi = t.to(gemm_dtype)
+        lo = (t - hi.float()).to(gemm_dtype)
+        if pre:
+            return torch.cat([hi, lo], dim=1) @ torch.cat([w0, w0], dim=0)
+        return torch.cat([w0, w0], dim=1) @ torch.cat([hi, lo], dim=0)
     w0 = w0.to(build_dtype)
     return (t @ w0 if pre else w0 @ t).to(gemm_dtype)
 
