@@ -166,6 +166,25 @@ def test_autocast_computes_in_its_dtype(reg):
         assert rel_err(grad, want[name]) < 2e-2, name
 
 
+def test_backward_inside_autocast_is_the_backward_outside(reg):
+    """The node's backward keeps its k×k work in the factors' dtype wherever backward is called: inside the
+    autocast region (the CPU runs backward in the calling thread, under its autocast state) it gives
+    the gradients it gives outside, bit for bit."""
+    grads = []
+    for inside in (False, True):
+        model = adapted(reg, "linear", "lora")
+        x, g = inputs()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(x)
+            if inside:
+                y.backward(g.bfloat16())
+        if not inside:
+            y.backward(g.bfloat16())
+        grads.append({k: p.grad.clone() for k, p in sorted(modapt.trainable_parameters(model).items())})
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
 @pytest.mark.parametrize("update", ["lora", "adalora"])
 def test_the_general_path_computes_the_same(reg, update, monkeypatch):
     """The fused node and the general path (update.forward + MapOutput) agree in fp32."""

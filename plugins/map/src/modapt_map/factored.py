@@ -143,6 +143,13 @@ class MapFactored(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_autocast_enabled(grad.device.type):  # backward called inside an autocast region:
+            with torch.autocast(grad.device.type, enabled=False):  # the k×k work stays in the factors' dtype
+                return MapFactored._backward(ctx, grad)
+        return MapFactored._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx, grad):
         x2, h, w0c, left, right, gram_left, gram_right, sq, sq_floor, norm, am1, b, w0_norm = ctx.saved_tensors
         shape, x_dtype, bias_dtype, eps_sq = ctx.meta
         need_x, _, need_bias, need_left, need_right, need_alpha, need_beta = ctx.needs_input_grad[:7]
