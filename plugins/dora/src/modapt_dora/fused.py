@@ -30,47 +30,12 @@ Dtypes, as the unfused path and PEFT compute them:
 from __future__ import annotations
 
 import torch
-
-_PROMOTED: dict[tuple[torch.dtype, torch.dtype], torch.dtype] = {}
-_ZEROS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _promoted(a: torch.dtype, b: torch.dtype) -> torch.dtype:
-    """``torch.promote_types`` memoised (the call is an aten op of its own).
-
-    Not under torch.compile: dynamo does not trace a write to a module-level dict and would
-    break the graph at every layer; there the call costs nothing at run time anyway."""
-    if torch.compiler.is_compiling():
-        return torch.promote_types(a, b)
-    key = (a, b)
-    if key not in _PROMOTED:
-        _PROMOTED[key] = torch.promote_types(a, b)
-    return _PROMOTED[key]
-
-
-def _zero(like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim zero of ``like``'s device and dtype, made once: the ignored input of
-    ``addmm(_, p, q, beta=0, alpha=c)``, which is c·p q in one kernel (no separate scaling).
-    Not memoised under torch.compile (see :func:`_promoted`): inductor folds the constant."""
-    if torch.compiler.is_compiling():
-        return torch.zeros((), device=like.device, dtype=like.dtype)
-    key = (like.device, like.dtype)
-    if key not in _ZEROS:
-        _ZEROS[key] = torch.zeros((), device=like.device, dtype=like.dtype)
-    return _ZEROS[key]
+from modapt.one_kernel import constant, mul_to, promoted
 
 
 def _scaled_mm(p: torch.Tensor, q: torch.Tensor, c: float) -> torch.Tensor:
     """c · p q [n, m] in one kernel, from p [n, k] and q [k, m]."""
-    return torch.addmm(_zero(p), p, q, beta=0, alpha=c)
-
-
-def _mul_to(g: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """g ⊙ scale computed in the promoted dtype and written in ``dtype`` (one kernel)."""
-    if _promoted(g.dtype, scale.dtype) == dtype:
-        return g * scale
-    out = torch.empty(g.shape, dtype=dtype, device=g.device)
-    return torch.mul(g, scale, out=out)
+    return torch.addmm(constant(0.0, p), p, q, beta=0, alpha=c)
 
 
 class DoraLora(torch.autograd.Function):
@@ -98,7 +63,7 @@ class DoraLora(torch.autograd.Function):
         else:  # float32 adapter over a half base: summed in float32, rounded once
             u = torch.add(base, _scaled_mm(h, bc.t(), scaling), out=base)
         scale = magnitude / norm  # [out] float32
-        if bias is None and _promoted(u.dtype, scale.dtype) == u.dtype:
+        if bias is None and promoted(u.dtype, scale.dtype) == u.dtype:
             y = u * scale
         else:
             y = torch.empty_like(u)
@@ -118,7 +83,7 @@ class DoraLora(torch.autograd.Function):
         need_x, need_a, need_b, need_m = ctx.needs_input_grad[:4]
         c = ctx.scaling
         g = grad.reshape(-1, grad.shape[-1])
-        gs = _mul_to(g, scale, bc.dtype)  # ∂L/∂u = g ⊙ s, in the adapter's dtype
+        gs = mul_to(g, scale, bc.dtype)  # ∂L/∂u = g ⊙ s, in the adapter's dtype
         grad_x = grad_a = grad_b = grad_m = None
         if need_m:
             prod = g * u

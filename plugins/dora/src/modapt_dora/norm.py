@@ -56,12 +56,13 @@ def rows_times(w0: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     right = right.float()
     if w0.dtype in (torch.float32, torch.float64):
         return (w0 @ right.t().to(w0.dtype)).float()
-    hi = right.to(w0.dtype)
-    lo = (right - hi.float()).to(w0.dtype)
-    prod = mm_float32(w0, torch.cat([hi, lo]).t())  # [out, 2k]
-    if prod is not None:
-        k = right.shape[0]
-        return prod[:, :k] + prod[:, k:]
+    if float32_gemm.available(w0.device.type) is not False:  # the split only where the GEMM may run
+        hi = right.to(w0.dtype)
+        lo = (right - hi.float()).to(w0.dtype)
+        prod = mm_float32(w0, torch.cat([hi, lo]).t())  # [out, 2k]
+        if prod is not None:
+            k = right.shape[0]
+            return prod[:, :k] + prod[:, k:]
     return w0.float() @ right.t()
 
 

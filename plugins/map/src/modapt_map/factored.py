@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from modapt import Update, layers
 from modapt.float32_gemm import mm_float32
+from modapt.one_kernel import constant, mul_to
 from modapt.tracing import exporting
 from torch import nn
 
@@ -120,7 +121,7 @@ class MapFactored(torch.autograd.Function):
         sq_floor = sq.clamp_min(eps * eps)
         norm = sq_floor.sqrt()
         b = beta / norm
-        am1 = torch.addcdiv(_minus_one(alpha), alpha, w0_norm)  # a − 1 = α/‖W0‖ − 1
+        am1 = torch.addcdiv(constant(-1.0, alpha), alpha, w0_norm)  # a − 1 = α/‖W0‖ − 1
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.dtype != dtype:
@@ -136,7 +137,7 @@ class MapFactored(torch.autograd.Function):
         else:
             y = torch.addcmul(y, y - bias_c, am1)
         h = F.linear(x2, right_c)  # x Rᵀ [N, k]
-        y.addmm_(h, _scaled_to(left, b, dtype).t())  # + b·h Lᵀ, b·L rounded once to the compute dtype
+        y.addmm_(h, mul_to(left, b, dtype).t())  # + b·h Lᵀ, b·L rounded once to the compute dtype
         ctx.save_for_backward(x2, h, w0c, left, right, gram_left, gram_right, sq, sq_floor, norm, am1, b, w0_norm)
         ctx.meta = (shape, x.dtype, None if bias is None else bias.dtype, eps * eps)
         return y.view(*shape[:-1], y.shape[-1])
@@ -163,8 +164,9 @@ class MapFactored(torch.autograd.Function):
         if need_bias:
             grad_bias = g.sum(dim=0, dtype=acc).to(bias_dtype)
         need_update = need_left or need_right or need_beta
-        left_c = left if factor_dtype == dtype else left.to(dtype)
-        g_left = torch.mm(g, left_c) if (need_x or need_right) else None  # g L [N, k]
+        g_left = None
+        if need_x or need_right:
+            g_left = torch.mm(g, left if factor_dtype == dtype else left.to(dtype))  # g L [N, k]
         if need_update:
             # ∂L/∂L's data term gᵀh [out, k]; ∂L/∂b = ⟨g, h Lᵀ⟩ = ⟨L, gᵀh⟩ (out×k work, not N×k)
             g_h = _mm_to(g.t(), h, factor_dtype)
@@ -185,7 +187,7 @@ class MapFactored(torch.autograd.Function):
             if need_x:
                 # a·g W0 + b·(g L) R, a as 1 + (a − 1) for the forward's reason: a rounded to bf16
                 # would scale the whole input gradient by up to 1 ± 2⁻⁹, (a − 1) rounded only its correction
-                grad_x = g_w0.addcmul_(g_w0, am1).addmm_(g_left, _scaled_to(right, b, dtype))
+                grad_x = g_w0.addcmul_(g_w0, am1).addmm_(g_left, mul_to(right, b, dtype))
                 grad_x = grad_x.view(shape)
                 if grad_x.dtype != x_dtype:
                     grad_x = grad_x.to(x_dtype)
@@ -203,14 +205,6 @@ def _grams(left: torch.Tensor, right: torch.Tensor):
     return gram_left, gram_right, sq
 
 
-def _scaled_to(factor: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """factor ⊙ scale computed in the factor's dtype and written in ``dtype``: one kernel, where
-    a product and a cast are two (``mul`` with an ``out`` of the narrower dtype rounds once)."""
-    if factor.dtype == dtype:
-        return factor * scale
-    return torch.mul(factor, scale, out=torch.empty(factor.shape, dtype=dtype, device=factor.device))
-
-
 def _mm_to(p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """p q in ``dtype`` (a factor's gradient [out, k] or [k, in]). Half operands with a float32
     result: one GEMM with float32 output where the device has it (:func:`modapt.float32_gemm.mm_float32`),
@@ -221,18 +215,3 @@ def _mm_to(p: torch.Tensor, q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
             return out
     out = torch.mm(p, q)
     return out if out.dtype == dtype else out.to(dtype)
-
-
-_MINUS_ONE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def _minus_one(like: torch.Tensor) -> torch.Tensor:
-    """A 0-dim −1 of ``like``'s device and dtype, made once (``addcdiv``'s base: a − 1 in one op).
-    Not memoised under torch.compile: dynamo does not trace a write to a module-level dict."""
-    if torch.compiler.is_compiling():
-        return torch.full((), -1.0, device=like.device, dtype=like.dtype)
-    key = (like.device, like.dtype)
-    value = _MINUS_ONE.get(key)
-    if value is None:
-        value = _MINUS_ONE[key] = torch.full((), -1.0, device=like.device, dtype=like.dtype)
-    return value
