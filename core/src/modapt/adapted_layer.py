@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import layers
+from . import layers, quantized
 from .errors import StateError
 
 
@@ -18,6 +18,12 @@ class AdaptedLayer(nn.Module):
 
     States: *active* (adapter applied on the fly), *merged* (``merge(unload=False)``: the
     base weight holds W*, the original W0 is kept in ``_w0_backup`` for a bit-exact unmerge).
+
+    A quantized base (:mod:`modapt.quantized`) cannot hold W* in its packed form without
+    re-quantizing (lossy, so no exact unmerge): merging swaps in a plain ``nn.Linear`` holding
+    W* dequantized, in the layer's compute dtype, and keeps the quantized layer itself aside
+    (``quantized_base``, not a submodule: it stays where it is on ``.to()`` and out of state
+    dicts); unmerge puts that same object back, so it is exact.
     """
 
     def __init__(self, base_layer: nn.Module):
@@ -57,11 +63,21 @@ class AdaptedLayer(nn.Module):
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
-        """W* [out, in] computed in float32 from the unmerged base weight, in the weight's dtype."""
+        """W* [out, in] computed in float32 from the unmerged base weight, in the weight's dtype
+        (a quantized base's compute dtype: W* is not quantized)."""
+        original = self.quantized_base if self.merged and self.quantized_base is not None else self.base_layer
         w0 = layers.weight_of(self.base_layer) if not self.merged else self._canonical_backup()
-        return self.reparam.merged_weight(w0.float()).to(w0.dtype)
+        dtype = quantized.compute_dtype(original) if layers.is_quantized(original) else w0.dtype
+        return self.reparam.merged_weight(w0.float()).to(dtype)
+
+    @property
+    def quantized_base(self) -> nn.Module | None:
+        """The quantized layer kept aside while merged, else ``None``."""
+        return self.__dict__.get("_quantized_base")
 
     def _canonical_backup(self) -> torch.Tensor:
+        if self.quantized_base is not None:
+            return layers.weight_of(self.quantized_base)
         return self._w0_backup if self.kind == "linear" else self._w0_backup.t()
 
     @torch.no_grad()
@@ -76,6 +92,12 @@ class AdaptedLayer(nn.Module):
         if w_star is None:
             w_star = self.merged_weight()
         self._check_finite(w_star)
+        if layers.is_quantized(self.base_layer):
+            original = self.base_layer
+            self.base_layer = quantized.plain_linear(original, w_star.dtype, weight=w_star)
+            self.__dict__["_quantized_base"] = original
+            self.merged = True
+            return
         self._w0_backup = self.base_layer.weight.detach().clone()
         self.base_layer.weight.copy_(layers.to_storage(self.base_layer, w_star))
         self.merged = True
@@ -85,6 +107,10 @@ class AdaptedLayer(nn.Module):
         """Restore the original base weight bit-exactly."""
         if not self.merged:
             raise StateError("layer is not merged")
+        if self.quantized_base is not None:
+            self.base_layer = self.__dict__.pop("_quantized_base")
+            self.merged = False
+            return
         self.base_layer.weight.copy_(self._w0_backup)
         self._w0_backup = None
         self.merged = False
@@ -95,6 +121,7 @@ class AdaptedLayer(nn.Module):
         if not self.merged:
             self.merge()
         self._w0_backup = None
+        self.__dict__.pop("_quantized_base", None)
         return self.base_layer
 
     @staticmethod

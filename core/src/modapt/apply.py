@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers
+from . import layers, quantized
 from . import targets as targets_mod
 from .adapted_layer import AdaptedLayer
 from .attachment import Attachment
@@ -123,6 +123,9 @@ def plan_targets(model: nn.Module, recipe: Recipe, registry: Registry) -> list[t
         for path in paths:
             module = model.get_submodule(path)
             if group == "weight":
+                problem = quantized.unsupported(module)
+                if problem is not None:
+                    raise TargetError(f"'{path}' is {problem}", path=f"{entry_path}.targets", source=recipe.source)
                 kind = layers.layer_kind(module)
                 if kind not in kinds:
                     names = " over ".join(spec.methods())
@@ -150,7 +153,7 @@ def _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtyp
             def place_new() -> None:
                 _place(host, [p for n, p in host.named_parameters() if not n.startswith("base_layer.")],
                        [b for n, b in host.named_buffers() if not n.startswith("base_layer.")],
-                       module.weight, autocast_adapter_dtype)
+                       module.weight, autocast_adapter_dtype, layer=module)
 
             # built on the base's device (a 1B model on the GPU need not round-trip its adapters
             # through the CPU)
@@ -207,9 +210,20 @@ def build_weight_adapter(host: AdaptedLayer, spec: AdapterSpec, registry: Regist
         place()
 
 
-def _place(owner: nn.Module, params, buffers, reference: torch.Tensor, autocast_adapter_dtype: bool) -> None:
-    """Move new adapter tensors to the base's device; floating parameters to the adapter dtype."""
-    dtype = reference.dtype
+def _place(owner: nn.Module, params, buffers, reference: torch.Tensor, autocast_adapter_dtype: bool,
+           layer: nn.Module | None = None) -> None:
+    """Move new adapter tensors to the base's device; floating parameters to the adapter dtype.
+
+    The adapter dtype is always floating (an int8/uint8 packed base would give tensors that
+    cannot carry gradients): a quantized ``layer``'s compute dtype, else the reference's
+    dtype when floating, else float32; then fp16/bf16 -> float32 under ``autocast_adapter_dtype``.
+    """
+    if layer is not None and layers.is_quantized(layer):
+        dtype = quantized.compute_dtype(layer)
+    elif reference.is_floating_point():
+        dtype = reference.dtype
+    else:
+        dtype = torch.float32
     if autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16):
         dtype = torch.float32
     with torch.no_grad():

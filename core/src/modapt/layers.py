@@ -5,12 +5,19 @@
 canonical weight is [dim, num_embeddings] (LoRA's embedding A is [r, num_embeddings], B
 is [dim, r]). Every update and reparam works on the canonical view; only this module knows
 the storage layouts.
+
+Quantized linear layers (bitsandbytes 4/8-bit, torchao) are ``"linear"`` too; their kind
+(:mod:`modapt.quantized`) gives the dims from the module and W0 by dequantizing, so
+``weight_of`` returns a new float tensor for them, not a view, and ``called_plainly`` is False
+(their weight is not a plain tensor: only the module's own call computes W0·x).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import quantized
 
 try:  # transformers is a dependency, but keep the core importable without it for tooling
     from transformers.pytorch_utils import Conv1D
@@ -35,16 +42,28 @@ def layer_kind(module: nn.Module) -> str | None:
 def called_plainly(module: nn.Module) -> bool:
     """True when ``module(x)`` is exactly ``x W0ᵀ + b``, so a fused adapter may compute it by hand.
 
-    An ``nn.Linear`` or ``Conv1D`` itself (a subclass may do more in its forward) with no forward
-    hooks or pre-hooks (accelerate's offloading, user hooks): anything else must be called as
-    the module it is.
+    An ``nn.Linear`` or ``Conv1D`` itself (a subclass may do more in its forward) whose weight
+    is a plain floating tensor (not packed, not a torchao subclass: decided from the weight),
+    with no forward hooks or pre-hooks (accelerate's offloading, user hooks): anything else
+    must be called as the module it is.
     """
-    return (type(module) in _PLAIN_LAYERS and not module._forward_hooks
-            and not module._forward_pre_hooks)
+    return (type(module) in _PLAIN_LAYERS and quantized.is_plain_tensor(module.weight)
+            and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """True for a linear layer of a quantized kind (:mod:`modapt.quantized`)."""
+    return quantized.kind_of(module) is not None
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
-    """The canonical weight W0 [out, in] of ``module`` (a view, no copy)."""
+    """The canonical weight W0 [out, in] of ``module`` (a view, no copy).
+
+    For a quantized layer: W0 dequantized, a new floating tensor each call (one
+    dequantization of the layer: callers that need it every step say so in their README).
+    """
+    if quantized.kind_of(module) is not None:
+        return quantized.dequantize(module)
     kind = layer_kind(module)
     if kind == "linear":
         return module.weight
@@ -59,7 +78,10 @@ def to_storage(module: nn.Module, canonical: torch.Tensor) -> torch.Tensor:
 
 
 def dims_of(module: nn.Module) -> tuple[int, int]:
-    """(out, in) of the canonical weight."""
+    """(out, in) of the canonical weight (a quantized layer's from the module: its stored
+    tensor is packed)."""
+    if quantized.kind_of(module) is not None:
+        return int(module.out_features), int(module.in_features)
     out_f, in_f = weight_of(module).shape
     return int(out_f), int(in_f)
 
@@ -73,6 +95,15 @@ def linear_apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
     if layer_kind(module) == "embedding":
         return embed(module, x, weight.t())
     return torch.nn.functional.linear(x, weight)
+
+
+def w0_apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """W0 x [..., out] without bias for x [..., in]; a quantized layer computes it by its own call."""
+    if quantized.kind_of(module) is not None:
+        out = module(x)
+        bias = getattr(module, "bias", None)
+        return out - bias.to(out.dtype) if bias is not None else out
+    return linear_apply(module, x, weight_of(module))
 
 
 def embed(module: nn.Embedding, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .apply import adapter_state_dict, apply, remove, state_of
 from .errors import AdapterLoadError, ModaptError, StateError
-from .fingerprint import FINGERPRINT_ALGORITHM, fingerprint, first_mismatch
+from .fingerprint import FINGERPRINT_ALGORITHM, QuantizedStored, fingerprint, first_mismatch
 from .recipe import parse_recipe
 from .registry import Registry, default_registry
 
@@ -67,17 +67,31 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def quantized_stored(layer: nn.Module) -> QuantizedStored | None:
+    """The fingerprint input of a quantized layer's weight (see :mod:`modapt.fingerprint`), else ``None``."""
+    from . import quantized
+
+    kind = quantized.kind_of(layer)
+    if kind is None:
+        return None
+    return QuantizedStored(kind.name, kind.stored(layer), (int(layer.out_features), int(layer.in_features)))
+
+
 def base_weight_getter(model: nn.Module):
     """``get(key)`` for the fingerprint: the base tensor as the unadapted model stores it."""
     state = model.__dict__.get("modapt_state")
     by_key = {}
     if state is not None:
         for path, host in state.layers.items():
-            by_key[state.base_keys[path]] = host._w0_backup if host.merged else host.base_layer.weight
+            original = host.quantized_base if host.merged else host.base_layer
+            if original is not None and quantized_stored(original) is not None:
+                by_key[state.base_keys[path]] = quantized_stored(original)
+            else:
+                by_key[state.base_keys[path]] = host._w0_backup if host.merged else host.base_layer.weight
 
     def get(key: str) -> torch.Tensor:
         if key in by_key:
-            return full_tensor(by_key[key])
+            return by_key[key] if isinstance(by_key[key], QuantizedStored) else full_tensor(by_key[key])
         try:
             return full_tensor(model.get_parameter(key))
         except AttributeError:

@@ -66,7 +66,7 @@ class Dora(Reparam):
 
     def _factor_norm(self, w0, left, right):
         """‖W0 + L R‖_row [out] float32 (no grad, autocast off): direct or expanded, by size."""
-        if direct_is_cheaper(w0):
+        if direct_is_cheaper(w0) or layers.is_quantized(self.base_layer):  # a dequantized W0 is a copy already
             return direct_factor_norm(w0, left, right)
         return factored_row_norm(w0, self._w0_sq.get(self.base_layer.weight, w0), left, right)
 

@@ -80,6 +80,8 @@ class Lorma(Update):
         """
         if self.options.inflation != "pi" or self.kind == "embedding" or args or kwargs:
             return None
+        if layers.is_quantized(base_layer):  # T·W0 would dequantize W0 every step: T acts on W0 x instead
+            return None
         if self._dropout_active():
             return None
         a, b = self.host.lorma_A, self.host.lorma_B
@@ -115,6 +117,8 @@ class Lorma(Update):
                 y = y - bias
             return self.t_minus_i(dropout(y))
         u = self.t_minus_i(dropout(x))
+        if layers.is_quantized(base_layer):  # W0 u by the quantized layer's own call
+            return layers.w0_apply(base_layer, u)
         w0 = layers.weight_of(base_layer)
         if u.dtype != w0.dtype and not torch.is_autocast_enabled(u.device.type):
             u = u.to(w0.dtype)  # the base weight's precision, as the base layer computes

@@ -122,7 +122,10 @@ class Map(Reparam):
             return MapFactored.apply(x, layers.weight_of(base), base.bias, left, right, host.map_alpha,
                                      host.map_beta, host.map_w0_norm, eps, dtype)
         base_out = base(x, *args, **kwargs)
-        a, b = self.scales(layers.weight_of(base))
+        # a quantized W0 is dequantized only for an update whose norm needs it (LoRMA)
+        skip_w0 = (layers.is_quantized(base) and type(self.update).frobenius_sq is Update.frobenius_sq
+                   and self.update.factors() is not None)
+        a, b = self.scales(None if skip_w0 else layers.weight_of(base))
         delta_x = self.update.forward(x, base_out, base)
         return map_output(x, delta_x, a, b, base_out, base)
 
