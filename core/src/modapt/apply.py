@@ -219,6 +219,7 @@ def _place(owner: nn.Module, params, buffers, reference: torch.Tensor, autocast_
     dtype when floating, else float32; then fp16/bf16 -> float32 under ``autocast_adapter_dtype``.
     """
     if layer is not None and layers.is_quantized(layer):
+        quantized.keep_stored_format(layer)  # the fingerprinted bytes must not change under inference
         dtype = quantized.compute_dtype(layer)
     elif reference.is_floating_point():
         dtype = reference.dtype

@@ -92,6 +92,14 @@ def base_weight_getter(model: nn.Module):
     def get(key: str) -> torch.Tensor:
         if key in by_key:
             return by_key[key] if isinstance(by_key[key], QuantizedStored) else full_tensor(by_key[key])
+        path, _, name = key.rpartition(".")
+        if name == "weight":  # a quantized layer of a model not (yet) adapted: what it stores
+            try:
+                stored = quantized_stored(model.get_submodule(path))
+            except AttributeError:
+                stored = None
+            if stored is not None:
+                return stored
         try:
             return full_tensor(model.get_parameter(key))
         except AttributeError:

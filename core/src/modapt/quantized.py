@@ -56,6 +56,9 @@ class QuantizedKind:
         autocast rule).
     stored(module): {name relative to the module: tensor} of what the layer stores for its
         weight (the fingerprint's input), bias excluded.
+    keep_stored_format(module): called when an adapter is put on the layer; turns off any
+        in-place rewrite of the stored weight the layer would do by itself (see bitsandbytes
+        4-bit below). Default: nothing.
     """
 
     name: str
@@ -64,6 +67,7 @@ class QuantizedKind:
     dequantize: Callable[[nn.Module], torch.Tensor]
     compute_dtype: Callable[[nn.Module], torch.dtype]
     stored: Callable[[nn.Module], dict[str, torch.Tensor]]
+    keep_stored_format: Callable[[nn.Module], None] = lambda module: None
 
 
 _KINDS: dict[str, QuantizedKind] = {}
@@ -136,6 +140,13 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     return kind.compute_dtype(module) if kind is not None else torch.float32
 
 
+def keep_stored_format(module: nn.Module) -> None:
+    """Stop a quantized layer from rewriting its stored weight by itself (see the kinds)."""
+    kind = kind_of(module)
+    if kind is not None:
+        kind.keep_stored_format(module)
+
+
 def stored_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """{name relative to the layer: tensor} of what a quantized layer stores for its weight."""
     return kind_of(module).stored(module)
@@ -173,9 +184,22 @@ def _bnb4_compute_dtype(module: nn.Module) -> torch.dtype:
     return state.dtype if state is not None else torch.float32
 
 
+def _bnb4_keep_format(module: nn.Module) -> None:
+    # On a CPU with AVX512-bf16, bitsandbytes 0.50 repacks a Linear4bit's weight in place at its
+    # first eval forward without grad (nibbles re-ordered, absmax rounded to bf16 and un-nested)
+    # and packs it back, lossily, on save: the stored bytes, hence the fingerprint and W0
+    # itself, would change under inference; it also fails for in_features not a multiple of
+    # the block size (LLaMA's 96-wide test MLP). Adapted layers keep the stored format.
+    state = getattr(module.weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        module.state_dict()  # bitsandbytes' own save path undoes the repacking
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
+
+
 register_kind(QuantizedKind(
     "bitsandbytes-4bit", "bitsandbytes Linear4bit (nf4 or fp4, with or without double quantization)",
-    _bnb4_matches, _bnb4_dequantize, _bnb4_compute_dtype, _state_without_bias))
+    _bnb4_matches, _bnb4_dequantize, _bnb4_compute_dtype, _state_without_bias, _bnb4_keep_format))
 
 
 # ---------------------------------------------------------------------- bitsandbytes 8-bit

@@ -69,5 +69,9 @@ def quantized_tiny_llama(name: str, seed: int = 0):
                   and not path.endswith("lm_head"))
     else:
         raise KeyError(f"unknown quantized base '{name}'; known: {', '.join(QUANTIZED_BASES)}")
+    from ..quantized import keep_stored_format
+
+    for module in model.modules():  # unadapted layers too: the same function before and after an eval pass
+        keep_stored_format(module)
     model.eval()
     return model
