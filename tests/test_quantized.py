@@ -239,3 +239,36 @@ def test_merge_writes_a_dequantized_checkpoint_plain_transformers_loads(kind, tm
     bound = 0.02 if kind == "bnb-int8" else 1e-5
     assert (merged_in_place - adapted).abs().max() <= bound * scale
     assert (reloaded - adapted).abs().max() <= bound * scale
+
+
+@pytest.mark.parametrize("kind", ["bnb-nf4", "bnb-int8"])
+def test_cli_merge_of_a_checkpoint_saved_quantized(kind, tmp_path, capsys):
+    """``modapt merge --base`` on a folder saved in 4/8-bit writes a dequantized checkpoint
+    (the compute dtype, or --dtype) that plain transformers loads."""
+    from modapt.cli import main
+    from transformers import AutoModelForCausalLM
+
+    base = quantized_tiny_llama(kind)
+    base.save_pretrained(tmp_path / "base")
+    model = modapt.apply(quantized_tiny_llama(kind), recipe("lomap"))
+    randomize(model)
+    modapt.save(model, tmp_path / "adapter")
+    inputs = tiny_inputs()
+    adapted = logits(model, inputs)
+    args = ["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter")]
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert "quantization_config" not in config
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    bound = 0.02 if kind == "bnb-int8" else 1e-5
+    assert (logits(plain, inputs) - adapted).abs().max() <= bound * adapted.abs().max()
+    assert main([*args, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
+    assert half.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    # an adapter trained on another base is refused, with the way out named
+    other = modapt.apply(quantized_tiny_llama(kind, seed=1), recipe("lomap"))
+    modapt.save(other, tmp_path / "other")
+    assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "other"),
+                 "--out", str(tmp_path / "no")]) == 1
+    assert "verify_base=False" in capsys.readouterr().err and not (tmp_path / "no").exists()

@@ -333,7 +333,8 @@ def prepare_for_kbit_training(model: nn.Module, *, gradient_checkpointing: bool 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every quantized linear layer by a plain ``nn.Linear`` holding W0 in ``dtype``
-    (default: the layer's compute dtype) and drop the quantization from the model's config,
+    (default: the layer's compute dtype; when given, every other floating tensor is cast to it
+    too) and drop the quantization from the model's config,
     so that ``save_pretrained`` writes a checkpoint plain transformers loads. Same model returned.
     """
     for path, module in list(model.named_modules()):
@@ -349,10 +350,21 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     for attr in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
         if attr in model.__dict__:
             model.__dict__[attr] = False
+    model.__dict__.pop("quantization_method", None)
+    quantizer = model.__dict__.get("hf_quantizer")
+    conversions = model.__dict__.get("_weight_conversions")
+    if quantizer is not None and conversions:
+        # transformers 5 re-applies the load-time conversions in reverse on save; the quantizer's
+        # own (packed-state deserialisation) have nothing left to act on
+        model.__dict__["_weight_conversions"] = [
+            c for c in conversions if not any(getattr(op, "hf_quantizer", None) is quantizer
+                                              for op in getattr(c, "operations", []))]
     if "hf_quantizer" in model.__dict__:
         model.__dict__["hf_quantizer"] = None
-    if dtype is not None and config is not None:
-        config.dtype = dtype
+    if dtype is not None:  # nothing quantized is left: every floating tensor (merged layers, norms) in dtype
+        nn.Module.to(model, dtype)  # transformers' own .to refuses any dtype on a model loaded by bitsandbytes
+        if config is not None:
+            config.dtype = dtype
     return model
 
 

@@ -219,7 +219,7 @@ def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool) -> torch
 
 def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      safe: bool = True, overwrite: bool = False, verify_base: bool = True,
-                     registry: Registry | None = None) -> Path:
+                     registry: Registry | None = None, dtype: torch.dtype | None = None) -> Path:
     """Fold the adapter in ``adapter_dir`` into the checkpoint ``base_dir``; write ``out_dir``.
 
     base_dir: a transformers folder with ``config.json`` and ``model.safetensors`` or shards
@@ -231,11 +231,21 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     Returns ``out_dir``. The output has the same shard files and index, the merged tensors in
     their original dtype and layout, every other tensor byte for byte, and the other files of
     ``base_dir`` (config, tokenizer, generation config). On any error nothing is left behind.
+
+    A checkpoint saved quantized (``quantization_config`` in its config) is merged by
+    :func:`merge_quantized_checkpoint` instead: the output is dequantized, in ``dtype``
+    (default: the quantization's compute dtype). ``dtype`` is for quantized bases only.
     """
     registry = registry or default_registry()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} exists; choose another output folder (or pass overwrite)")
+    if _quantization_config(base_dir) is not None:
+        return merge_quantized_checkpoint(base_dir, adapter_dir, out_dir, safe=safe, overwrite=overwrite,
+                                          verify_base=verify_base, registry=registry, dtype=dtype)
+    if dtype is not None:
+        raise MergeError(f"{base_dir} is not quantized: the merged tensors keep the checkpoint's dtype "
+                         "(--dtype applies to quantized bases)")
     ckpt = Checkpoint.open(base_dir)
     source = read_adapter(adapter_dir, registry)
     check_mergeable(source.recipe, registry)
@@ -304,6 +314,78 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
                         index["metadata"]["total_size"] += entry.end - entry.begin
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _copy_side_files(base_dir, tmp, untie)
+        _commit(tmp, out_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _quantization_config(base_dir: Path) -> dict | None:
+    try:
+        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # the streaming path reports a missing or broken config
+    return config.get("quantization_config") if isinstance(config, dict) else None
+
+
+def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
+                               out_dir: str | os.PathLike, *, safe: bool = True, overwrite: bool = False,
+                               verify_base: bool = True, registry: Registry | None = None,
+                               dtype: torch.dtype | None = None) -> Path:
+    """Merge into a checkpoint saved quantized (bitsandbytes 4/8-bit); write a dequantized one.
+
+    The packed shards cannot be rewritten in place (W* is not quantized), so the model is
+    loaded whole, quantized as saved (a 4-bit checkpoint is about a quarter of the float one),
+    on the GPU when there is one: :func:`modapt.load` (fingerprint over the packed tensors and
+    their quantization state), :func:`modapt.merge`, every remaining quantized layer
+    dequantized (:func:`modapt.quantized.dequantize_model`), ``save_pretrained`` in ``dtype``
+    (default: ``bnb_4bit_compute_dtype``, else the config's dtype, else float32). The output
+    config has no ``quantization_config``: plain transformers loads it. Re-quantizing is
+    loading it again with a ``BitsAndBytesConfig``.
+    """
+    import transformers
+    from modapt.quantized import EXTRA, dequantize_model
+
+    registry = registry or default_registry()
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise MergeError(f"{out_dir} exists; choose another output folder (or pass overwrite)")
+    source = read_adapter(adapter_dir, registry)
+    check_mergeable(source.recipe, registry)
+    qconfig = _quantization_config(base_dir) or {}
+    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    if dtype is None:
+        name = qconfig.get("bnb_4bit_compute_dtype") or config.get("dtype") or config.get("torch_dtype") or "float32"
+        dtype = getattr(torch, str(name).removeprefix("torch."), torch.float32)
+    names = config.get("architectures") or []
+    cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)
+    if cls is None:
+        raise CheckpointError(f"{base_dir}/config.json: 'architectures' ({names}) names no class of this "
+                              f"transformers ({transformers.__version__})")
+    if qconfig.get("quant_method") == "bitsandbytes":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise MergeError(f"{base_dir} is saved quantized by bitsandbytes: pip install '{EXTRA}'") from None
+    device_map = {"": 0} if torch.cuda.is_available() else "cpu"
+    try:
+        model = cls.from_pretrained(base_dir, device_map=device_map, dtype=dtype)
+    except Exception as exc:
+        raise CheckpointError(f"{base_dir}: transformers cannot load this quantized checkpoint: {exc}") from None
+    modapt.load(model, source.directory, registry=registry, verify_base=verify_base)
+    modapt.merge(model)  # refuses NaN/Inf before any layer changes
+    dequantize_model(model, dtype)
+    if safe and not all(torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()):
+        raise MergeError(f"merging into {base_dir} gives NaN or Inf in {dtype}; nothing was written")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        for path in sorted(base_dir.iterdir()):  # tokenizer and other side files the save did not write
+            if path.is_file() and not (tmp / path.name).exists() and path.name != INDEX_NAME \
+                    and not path.name.endswith(SKIPPED_SUFFIXES) and path.name not in PICKLE_WEIGHTS:
+                shutil.copy2(path, tmp / path.name)
         _commit(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -16,13 +16,18 @@ def configure(parser):
     parser.add_argument("--unsafe", action="store_true", help="do not stop on NaN/Inf in a merged tensor")
     parser.add_argument("--no-verify-base", action="store_true",
                         help="skip the base fingerprint check (a base in another dtype than the adapter was trained on)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="dtype of the merged weights of a base saved quantized (default: its compute dtype)")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
+    import torch
+
     from .merge import merge_checkpoint
 
     out = merge_checkpoint(args.base, args.adapter, args.out, safe=not args.unsafe, overwrite=args.overwrite,
-                           verify_base=not args.no_verify_base)
+                           verify_base=not args.no_verify_base,
+                           dtype=getattr(torch, args.dtype) if args.dtype else None)
     print(f"merged {args.adapter} into {args.base}: {out}", file=sys.stderr)
     return 0
