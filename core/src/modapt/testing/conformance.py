@@ -15,7 +15,9 @@ Subclass :class:`MethodConformance` in your plugin's ``tests/test_conformance.py
         }
 
 Every test runs once per family in ``recipes`` (``llama``, ``gpt2``, ``bert``; see
-:mod:`modapt.testing.models`). What a test expects follows the capability flags the methods
+:mod:`modapt.testing.models`). The quantized family (``test_quantized_base_*``) runs the
+``llama`` recipe on the tiny LLaMA loaded in 4-bit (bitsandbytes nf4) and in 8-bit (LLM.int8)
+(:mod:`modapt.testing.quantized_models`); it is skipped when bitsandbytes is not installed. What a test expects follows the capability flags the methods
 declare (``mergeable``, ``identity_at_init``), never the method's name. Plugins register in
 a fresh registry with autoloading off, so a plugin's tests do not depend on what else is
 installed; the core's LoRA is always registered.
@@ -60,6 +62,8 @@ class MethodConformance:
     merge_atol: float = 1e-5
     #: tolerance for "equals the base model at init"
     identity_atol: float = 1e-6
+    #: quantized bases of the quantized family (keys of modapt.testing.quantized_models.QUANTIZED_BASES)
+    quantized_bases: tuple[str, ...] = ("bnb-nf4", "bnb-int8")
 
     # ------------------------------------------------------------------ fixtures
     @pytest.fixture
@@ -237,3 +241,58 @@ class MethodConformance:
         path = tmp_path / f"recipe{suffix}"
         modapt.write_recipe(recipe, path)
         assert modapt.parse_recipe(path, registry) == recipe
+
+    # ------------------------------------------------------------------ quantized family
+    @pytest.fixture(params=["bnb-nf4", "bnb-int8"])
+    def quantized_base(self, request):
+        from modapt.testing.quantized_models import available
+
+        if "llama" not in self.recipes:
+            pytest.skip("the quantized family runs the 'llama' recipe; this class has none")
+        if request.param not in self.quantized_bases:
+            pytest.skip(f"{request.param} is not among this class's quantized_bases")
+        reason = available(request.param)
+        if reason:
+            pytest.skip(reason)
+        return request.param
+
+    def test_quantized_base_trains_saves_loads_and_merges(self, quantized_base, registry, tmp_path):
+        """On a 4-bit / 8-bit base: adapter tensors floating and trainable, gradients finite on
+        them and absent on the base, save -> load onto a freshly quantized base gives the same
+        outputs, merge(unload=False) ≈ the adapted model (LLM.int8 also quantizes activations:
+        2 % of max |output|) and unmerge restores it exactly."""
+        from modapt.testing.quantized_models import quantized_tiny_llama
+
+        model = modapt.apply(quantized_tiny_llama(quantized_base), self.recipes["llama"], registry=registry)
+        perturb(model)
+        trainable = modapt.trainable_parameters(model)
+        assert trainable and all(p.is_floating_point() for p in trainable.values())
+        inputs = tiny_inputs()
+        model.train()
+        model_output(model, inputs).float().pow(2).mean().backward()
+        for name, param in model.named_parameters():
+            if name in trainable:
+                assert param.grad is not None and torch.isfinite(param.grad).all(), f"{name}: no finite gradient"
+            else:
+                assert param.grad is None, f"frozen parameter {name} got a gradient"
+        model.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            expected = model_output(model, inputs)
+        modapt.save(model, tmp_path / "adapter", registry=registry)
+        fresh = modapt.load(quantized_tiny_llama(quantized_base), tmp_path / "adapter", registry=registry)
+        with torch.no_grad():
+            torch.testing.assert_close(model_output(fresh, inputs), expected, atol=0, rtol=0)
+        if not modapt.state_of(model).layers:
+            return
+        mergeable = all(m.capabilities.mergeable for m in self.methods("llama", registry)
+                        if m.family in ("update", "reparam"))
+        if not mergeable:
+            return
+        bound = (0.02 if quantized_base == "bnb-int8" else 1e-5) * float(expected.abs().max())
+        with torch.no_grad():
+            modapt.merge(model, unload=False)
+            merged = model_output(model, inputs)
+            assert (merged - expected).abs().max() <= bound + self.merge_atol
+            modapt.unmerge(model)
+            torch.testing.assert_close(model_output(model, inputs), expected, atol=0, rtol=0)
