@@ -143,6 +143,7 @@ def test_fp4_without_double_quant_lomap():
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
 
 
+@pytest.mark.filterwarnings("ignore:TorchaoLoraLinear was instantiated without")  # PEFT: merge needs TorchAoConfig
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("kind", ["bnb-nf4", "bnb-int8", "torchao-int8"])
 def test_equals_peft_on_the_same_quantized_model(kind, method):
@@ -272,3 +273,41 @@ def test_cli_merge_of_a_checkpoint_saved_quantized(kind, tmp_path, capsys):
     assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "other"),
                  "--out", str(tmp_path / "no")]) == 1
     assert "verify_base=False" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_prepare_for_kbit_training_casts_norms_and_enables_input_grads():
+    from modapt.quantized import load_quantized, prepare_for_kbit_training
+    from modapt.testing.quantized_models import _float_folder
+
+    model = load_quantized(_float_folder(0), "4bit", compute_dtype=torch.bfloat16)
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    prepare_for_kbit_training(model, gradient_checkpointing=True)
+    assert model.model.norm.weight.dtype == torch.float32 and model.lm_head.weight.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.uint8  # packed weights untouched
+    assert model.is_gradient_checkpointing and not any(p.requires_grad for p in model.parameters())
+    modapt.apply(model, recipe("lora"))
+    randomize(model)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**tiny_inputs()).logits.float().pow(2).mean()
+    loss.backward()  # checkpointed blocks: the adapters inside get gradients through the input's grad
+    grads = [p.grad for p in modapt.trainable_parameters(model).values()]
+    assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+
+
+def test_train_cli_quantize_4bit(tmp_path, capsys):
+    from modapt.cli import main
+    from modapt.testing.models import tiny_model_dir, write_sentiment_csv
+
+    tiny_model_dir(tmp_path / "model")
+    write_sentiment_csv(tmp_path / "data.csv")
+    (tmp_path / "recipe.toml").write_text('modules_to_save = ["score"]\n\n[[adapter]]\nmethod = "dora"\n'
+                                         'targets = ["q_proj", "v_proj"]\n[adapter.update]\nmethod = "lora"\nr = 4\n')
+    code = main(["train", "--recipe", str(tmp_path / "recipe.toml"), "--model", str(tmp_path / "model"),
+                 "--data", str(tmp_path / "data.csv"), "--label-column", "sentiment", "--out", str(tmp_path / "run"),
+                 "--steps", "3", "--eval-every", "3", "--eval-limit", "8", "--batch-size", "4", "--no-progress",
+                 "--quantize", "4bit"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "run" / "last" / "adapter_config.json").read_text())
+    dtypes = {t["dtype"] for t in config["base_fingerprint"]["tensors"].values()}
+    assert dtypes == {"quantized:bitsandbytes-4bit"}

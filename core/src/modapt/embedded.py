@@ -49,13 +49,15 @@ def rotten_tomatoes_csv() -> Path:
     return path
 
 
-def load_model(name_or_dir: str, task: str, num_labels: int = 2, *, layers: int | None = None):
+def load_model(name_or_dir: str, task: str, num_labels: int = 2, *, layers: int | None = None,
+               **load_kwargs):
     """(model, tokenizer) for ``smollm2`` or a local ``transformers`` model directory.
 
     ``task`` is ``sequence-classification`` or ``causal-lm``. A tokenizer without a pad token
     gets its end-of-sequence token as pad (and the model's config learns the id, which
     sequence classification needs to find each row's last real token). ``layers`` keeps only
     the first N decoder layers (the demo's quick mode: real weights, a quarter of the cost).
+    ``load_kwargs`` go to ``from_pretrained`` (``quantization_config``: see :mod:`modapt.quantized`).
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -69,13 +71,14 @@ def load_model(name_or_dir: str, task: str, num_labels: int = 2, *, layers: int 
             raise ModaptError(f"--model: '{name_or_dir}' is neither '{SMOLLM2}' nor a local transformers model "
                               "directory (no config.json)")
         source = str(path)
+    model_kwargs = {**kwargs, **load_kwargs}
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if task == "sequence-classification":
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **kwargs)
+        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **model_kwargs)
     elif task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
     else:
         raise ModaptError(f"--task: unknown task '{task}'; accepted: sequence-classification, causal-lm")
     model.config.pad_token_id = tokenizer.pad_token_id

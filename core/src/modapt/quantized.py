@@ -284,21 +284,35 @@ def bnb_config(quantize: str, compute_dtype: torch.dtype = torch.float32):
     raise QuantizedError(f"--quantize: '{quantize}' is not one of {', '.join(QUANTIZE_CHOICES)}")
 
 
-def load_quantized(name_or_path: str, quantize: str, *, compute_dtype: torch.dtype = torch.float32,
+def load_kwargs(quantize: str, compute_dtype: torch.dtype | None = None) -> dict:
+    """``from_pretrained`` keyword arguments that load a model quantized as ``--quantize`` says.
+
+    ``compute_dtype``: default bfloat16 on a GPU that supports it, else float32 (the CPU);
+    the model's other weights (norms, embeddings, head) load in it too. The device map puts
+    the model on the GPU when there is one, else the CPU.
+    """
+    if compute_dtype is None:
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        compute_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
+    device_map = {"": 0} if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": bnb_config(quantize, compute_dtype), "device_map": device_map,
+            "dtype": compute_dtype}
+
+
+def load_quantized(name_or_path: str, quantize: str, *, compute_dtype: torch.dtype | None = None,
                    device_map: str | dict | None = None, model_class=None):
     """A transformers model loaded with its linear layers quantized by bitsandbytes.
 
-    ``quantize``: ``"4bit"`` (nf4, double quantization, ``compute_dtype``) or ``"8bit"``.
-    ``device_map`` defaults to the GPU when there is one, else the CPU (bitsandbytes ≥ 0.48
-    runs both). The result is not yet prepared for training: see :func:`prepare_for_kbit_training`.
+    ``quantize``: ``"4bit"`` (nf4, double quantization, ``compute_dtype``) or ``"8bit"``;
+    see :func:`load_kwargs` for the defaults (bitsandbytes ≥ 0.48 runs on the GPU and the CPU).
+    The result is not yet prepared for training: see :func:`prepare_for_kbit_training`.
     """
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
-    if device_map is None:
-        device_map = {"": 0} if torch.cuda.is_available() else "cpu"
-    config = bnb_config(quantize, compute_dtype)
-    return model_class.from_pretrained(name_or_path, quantization_config=config, device_map=device_map,
-                                       dtype=compute_dtype)
+    kwargs = load_kwargs(quantize, compute_dtype)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    return model_class.from_pretrained(name_or_path, **kwargs)
 
 
 def prepare_for_kbit_training(model: nn.Module, *, gradient_checkpointing: bool = False) -> nn.Module:
@@ -311,11 +325,15 @@ def prepare_for_kbit_training(model: nn.Module, *, gradient_checkpointing: bool 
     - with ``gradient_checkpointing``: enables it (non-reentrant) and makes the input embeddings'
       output require grad, so that checkpointed blocks see an input with a grad and the
       adapters inside them receive gradients although the embeddings are frozen.
+    - keeps every quantized layer's stored format (:func:`keep_stored_format`: no in-place
+      CPU repacking by bitsandbytes at evaluation, which would change the fingerprinted bytes
+      and fails for widths that are not a multiple of the block size).
     Returns the same model.
     """
     quantized_params = set()
     for module in model.modules():
         if kind_of(module) is not None:
+            keep_stored_format(module)
             quantized_params.update(id(p) for p in module.parameters(recurse=False))
     for param in model.parameters():
         param.requires_grad_(False)

@@ -33,6 +33,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N validation examples")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None,
+                        help="load the base quantized by bitsandbytes (4bit: nf4 + double quant) and train the "
+                             "adapters on it, QLoRA-style (modapt.quantized.prepare_for_kbit_training)")
     parser.set_defaults(run=run)
 
 
@@ -51,7 +54,12 @@ def run(args) -> int:
     if args.limit is not None:
         train_set = train_set.subset(range(min(args.limit, len(train_set))))
     num_labels = max(2, len(examples.label_names))
-    model, tokenizer = embedded.load_model(args.model, args.task, num_labels)
+    from . import quantized
+
+    load_kwargs = quantized.load_kwargs(args.quantize) if args.quantize else {}
+    model, tokenizer = embedded.load_model(args.model, args.task, num_labels, **load_kwargs)
+    if args.quantize:
+        quantized.prepare_for_kbit_training(model, gradient_checkpointing=True)
     from .apply import apply
 
     apply(model, recipe)  # targets are checked against this model before the first step
