@@ -42,3 +42,14 @@ def test_profile_writes_each_methods_op_table(tmp_path):
     # LoRA's one-node layer: once per adapted linear (7 per layer, 2 layers) per profiled step
     forward = [row for row in rows if row.split() and row.split()[0] == "LoraLinear"]
     assert len(forward) == 1 and forward[0].split()[-1] == str(2 * 2 * 7)
+
+
+def test_quantize_4bit_rows_share_one_quantized_base(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    assert main(["--size", "tiny", "--quantize", "4bit", "--methods", "peft-lora,lora,full-ft", "--steps", "1",
+                 "--warmup", "0", "--out", str(tmp_path)]) == 0
+    path = next(tmp_path.glob("*_4bit.json"))
+    data = json.loads(path.read_text())
+    assert data["meta"]["setup"]["quantize"] == "4bit"
+    assert [r["method"] for r in data["results"]] == ["peft-lora", "lora"]  # no full fine-tuning of a 4-bit base
+    assert data["results"][0]["trainable"] == data["results"][1]["trainable"]

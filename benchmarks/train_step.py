@@ -6,12 +6,21 @@
     python -m benchmarks.train_step --size 135m --batch 32 --seq 64 --precision autocast   # the demo's regime
     python -m benchmarks.train_step --size 135m --precision autocast \
         --methods peft-lora,lora,full-ft,lora@reduce-overhead,peft-lora@reduce-overhead   # eager and compiled rows
+    python -m benchmarks.train_step --size 7b --quantize 4bit --rank 16 \
+        --methods peft-lora,lora,peft-dora,dora,lomap,lorma-plus          # QLoRA: the same 4-bit base (GPU)
 
 Every method runs on a fresh LLaMA-shaped model built from a config with random weights (no
 downloads), the same targets (q, k, v, o, gate, up, down) and rank. The baseline (ratio 1.00)
 is PEFT LoRA measured in the same process. A step is forward + backward + optimizer step
 (+ the plugins' hooks), CUDA-synchronised; the median over ``--steps`` after ``--warmup``.
 Results: JSON, a Markdown table and a PNG bar chart under ``--out``.
+
+``--quantize 4bit`` (nf4, double quantization) or ``8bit`` replaces every decoder linear layer
+(not ``lm_head``) of the freshly built model by its bitsandbytes counterpart, compute dtype
+bf16 on CUDA (fp32 on the CPU), and prepares the base for k-bit training the same way for
+every row (PEFT rows: ``peft.prepare_model_for_kbit_training``; modapt rows:
+``modapt.quantized.prepare_for_kbit_training``; no gradient checkpointing on either side), so
+PEFT QLoRA and modapt's methods train on the same quantized base.
 
 ``METHOD@MODE`` runs a method under ``torch.compile`` (see :data:`COMPILE_MODES`): the model is
 compiled after it is adapted (forward, loss and, through AOT autograd, backward); the optimizer
@@ -52,6 +61,9 @@ SIZES = {
                  num_key_value_heads=3, vocab_size=49152, batch=32, seq=64),
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                num_key_value_heads=4, vocab_size=32000, batch=8, seq=1024),
+    # LLaMA-2-7B's shape, for --quantize (QLoRA on one GPU)
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, batch=4, seq=1024),
 }
 
 
@@ -103,6 +115,7 @@ class Setup:
     precision: str  # "bf16" (model in bf16), "autocast" (fp32 weights, bf16 autocast), "fp32"
     profile: int = 0  # steps run under torch.profiler after the timed ones (0: none)
     profile_dir: str = ""  # where each method's profile table goes
+    quantize: str | None = None  # "4bit" / "8bit": bitsandbytes base (see the module docstring)
 
 
 def build_model(setup: Setup):
@@ -116,7 +129,38 @@ def build_model(setup: Setup):
         model = LlamaForCausalLM(config)
     if setup.precision == "bf16":
         model.to(torch.bfloat16)
+    if setup.quantize:
+        quantize_linear_layers(model, setup)
     return model
+
+
+def quantize_linear_layers(model, setup: Setup) -> None:
+    """Every decoder ``nn.Linear`` (not ``lm_head``) replaced by a bitsandbytes layer holding its
+    weight quantized (nf4 + double quantization, or LLM.int8), computing in bf16 on CUDA."""
+    import bitsandbytes as bnb
+
+    compute = torch.bfloat16 if setup.device == "cuda" else torch.float32
+    for path, module in list(model.named_modules()):
+        if type(module) is not torch.nn.Linear or path.endswith("lm_head"):
+            continue
+        weight = module.weight.detach().to("cpu", compute)
+        if setup.quantize == "4bit":
+            layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                      compute_dtype=compute, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        else:
+            layer = bnb.nn.Linear8bitLt(module.in_features, module.out_features, bias=module.bias is not None,
+                                        has_fp16_weights=False, device="meta")
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if module.bias is not None:
+            layer.bias = torch.nn.Parameter(module.bias.detach().to("cpu", compute), requires_grad=False)
+        layer = layer.to(setup.device)  # bitsandbytes quantizes on this move
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+        del module
+    if setup.device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def modapt_recipe(name: str, r: int, total_steps: int) -> dict | None:
@@ -176,8 +220,14 @@ def prepare(name: str, setup: Setup, total_steps: int):
     model = build_model(setup)
     before = after = lambda step: None
     if name == "full-ft":
-        pass
+        if setup.quantize:
+            return None  # a quantized base has no full fine-tuning
+
     elif name.startswith("peft-"):
+        if setup.quantize:
+            from peft import prepare_model_for_kbit_training
+
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = peft_model(name, model, setup.rank, total_steps)
         if name == "peft-adalora":
             after = lambda step: model.base_model.update_and_allocate(step)
@@ -187,6 +237,10 @@ def prepare(name: str, setup: Setup, total_steps: int):
                                                              if "update" in a}
         if not needed <= set(modapt.default_registry().methods):
             return None
+        if setup.quantize:
+            from modapt.quantized import prepare_for_kbit_training
+
+            prepare_for_kbit_training(model, gradient_checkpointing=False)
         modapt.apply(model, recipe)
         before = lambda step: modapt.before_optimizer_step(model, step)
         after = lambda step: modapt.after_optimizer_step(model, step)
@@ -418,6 +472,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", default="none",
                         help="comma-separated compile modes: each eager method listed is also run compiled "
                              "in each (side by side); 'none' (default) adds no rows")
+    parser.add_argument("--quantize", choices=["4bit", "8bit"], default=None,
+                        help="train on a bitsandbytes base: 4bit (nf4, double quant) or 8bit (LLM.int8)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after the timed steps, run STEPS more under torch.profiler and write each "
@@ -427,7 +483,7 @@ def main(argv=None) -> int:
     size = SIZES[args.size]
     setup = Setup(args.size, args.rank, args.batch or size["batch"], args.seq or size["seq"],
                   args.steps or (10 if device == "cuda" else 3), device,
-                  args.precision or ("bf16" if device == "cuda" else "fp32"), args.profile, args.out)
+                  args.precision or ("bf16" if device == "cuda" else "fp32"), args.profile, args.out, args.quantize)
     warmup = args.warmup if args.warmup is not None else (3 if device == "cuda" else 1)
     try:
         names = expand_methods(args.methods, args.compile)
@@ -454,6 +510,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"train_step_{args.size}_r{args.rank}_{setup.precision}_{device}"
+    if args.quantize:
+        stem += f"_{args.quantize}"
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
     md = f"{json.dumps(meta)}\n\n{table(results)}\n"
     (out / f"{stem}.md").write_text(md)
