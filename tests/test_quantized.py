@@ -201,8 +201,8 @@ def test_unsupported_quantized_layer_is_refused_naming_path_class_and_kinds():
 
     model = quantized_tiny_llama("bnb-nf4")
     model.model.layers[0].self_attn.q_proj = QuantLinear()
-    with pytest.raises(TargetError, match=r"'model.layers.0.self_attn.q_proj' is a quantized .*QuantLinear.*"
-                                          r"supported quantized kinds: bitsandbytes-4bit, bitsandbytes-8bit, torchao"):
+    kinds = "supported quantized kinds: bitsandbytes-4bit, bitsandbytes-8bit, torchao"
+    with pytest.raises(TargetError, match=r"'model.layers.0.self_attn.q_proj' is a quantized .*QuantLinear.*" + kinds):
         modapt.apply(model, recipe("lora"))
     assert not modapt.is_adapted(model)
 
@@ -301,13 +301,45 @@ def test_train_cli_quantize_4bit(tmp_path, capsys):
 
     tiny_model_dir(tmp_path / "model")
     write_sentiment_csv(tmp_path / "data.csv")
-    (tmp_path / "recipe.toml").write_text('modules_to_save = ["score"]\n\n[[adapter]]\nmethod = "dora"\n'
-                                         'targets = ["q_proj", "v_proj"]\n[adapter.update]\nmethod = "lora"\nr = 4\n')
+    (tmp_path / "recipe.toml").write_text(
+        'modules_to_save = ["score"]\n\n[[adapter]]\nmethod = "dora"\n'
+        'targets = ["q_proj", "v_proj"]\n[adapter.update]\nmethod = "lora"\nr = 4\n')
     code = main(["train", "--recipe", str(tmp_path / "recipe.toml"), "--model", str(tmp_path / "model"),
-                 "--data", str(tmp_path / "data.csv"), "--label-column", "sentiment", "--out", str(tmp_path / "run"),
+                 "--data", str(tmp_path / "data.csv"), "--label-column", "sentiment",
+                 "--out", str(tmp_path / "run"),
                  "--steps", "3", "--eval-every", "3", "--eval-limit", "8", "--batch-size", "4", "--no-progress",
                  "--quantize", "4bit"])
     assert code == 0, capsys.readouterr().err
     config = json.loads((tmp_path / "run" / "last" / "adapter_config.json").read_text())
     dtypes = {t["dtype"] for t in config["base_fingerprint"]["tensors"].values()}
     assert dtypes == {"quantized:bitsandbytes-4bit"}
+
+
+@pytest.mark.parametrize("side", ["pre", "post"])
+def test_lorma_pi_takes_the_quantized_layers_own_path(side):
+    """LoRMAπ: the weight path (T·W0 as one GEMM) would dequantize W0 each step, so on a quantized
+    base ``pi_path = "weight"`` computes what ``direct`` does: T applied to the quantized layer's
+    own output (pre), or the quantized layer applied to T x (post)."""
+    outs = []
+    for path in ("weight", "direct"):
+        adapter = {"method": "lorma", "r": 4, "lora_alpha": 4, "inflation": "pi", "side": side,
+                   "pi_path": path, "targets": ["q_proj", "v_proj"]}
+        model = modapt.apply(quantized_tiny_llama("bnb-nf4"), {"adapter": [adapter]})
+        randomize(model)
+        host = model.model.layers[0].self_attn.q_proj
+        assert host.update.layer_output(torch.zeros(1, 64), host.base_layer) is None
+        model.train()
+        out = model(**tiny_inputs()).logits
+        out.float().pow(2).mean().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all()
+                   for p in modapt.trainable_parameters(model).values())
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    # the direct path's formula, on one layer: pre y = T·(W0 x), post y = W0·(T x), T = s·Iπ(BA)
+    host = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(5))
+    t = host.update.t_minus_i_matrix() + torch.eye(64)
+    with torch.no_grad():
+        want = host.base_layer(x) @ t.t() if side == "pre" else host.base_layer(x @ t.t())
+        got = host(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

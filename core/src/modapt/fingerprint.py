@@ -74,7 +74,8 @@ def fingerprint(keys: Iterable[str], get: Callable[[str], torch.Tensor]) -> tupl
     """(combined hex digest, {key: {"dtype", "shape", "sha256"}}) over ``keys``.
 
     ``get(key)`` returns the tensor as stored (a live parameter, or a tensor read from a
-    safetensors shard), or a :class:`QuantizedStored` for a quantized layer's weight; tensors are fetched one at a time, so shards can be streamed.
+    safetensors shard), or a :class:`QuantizedStored` for a quantized layer's weight; tensors
+    are fetched one at a time, so shards can be streamed.
     """
     total = hashlib.sha256()
     per: dict[str, dict] = {}

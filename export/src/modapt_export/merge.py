@@ -356,7 +356,8 @@ def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | o
     qconfig = _quantization_config(base_dir) or {}
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     if dtype is None:
-        name = qconfig.get("bnb_4bit_compute_dtype") or config.get("dtype") or config.get("torch_dtype") or "float32"
+        name = (qconfig.get("bnb_4bit_compute_dtype") or config.get("dtype") or config.get("torch_dtype")
+                or "float32")
         dtype = getattr(torch, str(name).removeprefix("torch."), torch.float32)
     names = config.get("architectures") or []
     cls = next((getattr(transformers, n) for n in names if hasattr(transformers, n)), None)

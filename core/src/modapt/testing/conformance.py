@@ -17,7 +17,8 @@ Subclass :class:`MethodConformance` in your plugin's ``tests/test_conformance.py
 Every test runs once per family in ``recipes`` (``llama``, ``gpt2``, ``bert``; see
 :mod:`modapt.testing.models`). The quantized family (``test_quantized_base_*``) runs the
 ``llama`` recipe on the tiny LLaMA loaded in 4-bit (bitsandbytes nf4) and in 8-bit (LLM.int8)
-(:mod:`modapt.testing.quantized_models`); it is skipped when bitsandbytes is not installed. What a test expects follows the capability flags the methods
+(:mod:`modapt.testing.quantized_models`); it is skipped when bitsandbytes is not installed.
+What a test expects follows the capability flags the methods
 declare (``mergeable``, ``identity_at_init``), never the method's name. Plugins register in
 a fresh registry with autoloading off, so a plugin's tests do not depend on what else is
 installed; the core's LoRA is always registered.
