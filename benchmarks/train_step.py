@@ -140,7 +140,8 @@ def quantize_linear_layers(model, setup: Setup) -> None:
     import bitsandbytes as bnb
 
     compute = torch.bfloat16 if setup.device == "cuda" else torch.float32
-    for path, module in list(model.named_modules()):
+    for path in [n for n, _ in model.named_modules()]:  # names only: each float weight is freed once replaced
+        module = model.get_submodule(path)
         if type(module) is not torch.nn.Linear or path.endswith("lm_head"):
             continue
         weight = module.weight.detach().to("cpu", compute)
@@ -158,7 +159,7 @@ def quantize_linear_layers(model, setup: Setup) -> None:
         layer = layer.to(setup.device)  # bitsandbytes quantizes on this move
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent), child, layer)
-        del module
+        del module, weight
     if setup.device == "cuda":
         torch.cuda.empty_cache()
 

@@ -343,3 +343,14 @@ def test_lorma_pi_takes_the_quantized_layers_own_path(side):
         want = host.base_layer(x) @ t.t() if side == "pre" else host.base_layer(x @ t.t())
         got = host(x)
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["bnb-int8", "bnb-nf4"])
+def test_adapter_tensors_are_floating_whatever_the_base_stores(kind):
+    """The issue's first two failures: an 8-bit base gave int8 adapter tensors (no gradients), a
+    4-bit one read its packed [n, 1] tensor as the layer's shape. Even with the autocast rule
+    off, the adapter takes the layer's compute dtype (float32 here), and the shapes the module's."""
+    model = modapt.apply(quantized_tiny_llama(kind), recipe("lora"), autocast_adapter_dtype=False)
+    host = model.model.layers[0].mlp.down_proj
+    assert host.lora_A.weight.shape == (4, 96) and host.lora_B.weight.shape == (64, 4)
+    assert {p.dtype for p in modapt.trainable_parameters(model).values()} == {torch.float32}
