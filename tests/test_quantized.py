@@ -354,3 +354,40 @@ def test_adapter_tensors_are_floating_whatever_the_base_stores(kind):
     host = model.model.layers[0].mlp.down_proj
     assert host.lora_A.weight.shape == (4, 96) and host.lora_B.weight.shape == (64, 4)
     assert {p.dtype for p in modapt.trainable_parameters(model).values()} == {torch.float32}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torchao 0.18's int4 weight-only kernels need CUDA")
+@pytest.mark.parametrize("method", ["lora", "dora", "lomap"])
+def test_torchao_int4_on_the_gpu(method, tmp_path):
+    """torchao int4 (tile_packed_to_4d, bf16): the formula within bf16 rounding, gradients, save/load.
+    Written without a GPU at hand (none was lent when it was added): run it where there is one."""
+    model = modapt.apply(quantized_tiny_llama("torchao-int4"), recipe(method))
+    randomize(model)
+    host = model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(3)).to("cuda", torch.bfloat16)
+    with torch.no_grad():  # W0 x by the int4 layer itself, in bf16; the adapter's terms in float32
+        got = host(x).float()
+        base_out = host.base_layer(x).float()
+    w0 = host.base_layer.weight.dequantize().float()
+    s = 2.0
+    with torch.no_grad():
+        a, b = host.lora_A.weight.float(), host.lora_B.weight.float()
+        delta_x = s * (x.float() @ a.t()) @ b.t()
+    if method == "lora":
+        want = base_out + delta_x
+    elif method == "dora":
+        want = (host.lora_magnitude_vector / torch.linalg.vector_norm(w0 + s * b @ a, dim=1)) * (base_out + delta_x)
+    else:
+        want = (host.map_alpha / torch.linalg.vector_norm(w0)) * base_out \
+            + (host.map_beta / torch.linalg.vector_norm(s * b @ a)) * delta_x
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()  # the output is rounded to bf16
+    inputs = {k: v.cuda() for k, v in tiny_inputs().items()}
+    model.train()
+    model(**inputs).logits.float().pow(2).mean().backward()
+    trainable = modapt.trainable_parameters(model)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in trainable.values())
+    assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
+    model.eval()
+    modapt.save(model, tmp_path / "adapter")
+    fresh = modapt.load(quantized_tiny_llama("torchao-int4"), tmp_path / "adapter")
+    torch.testing.assert_close(logits(fresh, inputs), logits(model, inputs), rtol=0, atol=0)

@@ -24,10 +24,17 @@ QUANTIZED_BASES = {
     "bnb-int8": "bitsandbytes 8-bit (LLM.int8)",
     "torchao-int8": "torchao Int8WeightOnlyConfig",
 }
+#: bases that need a CUDA GPU (torchao 0.18's int4 kernels: "plain" needs the mslk package,
+#: "plain_int32" has no CPU path, "tile_packed_to_4d" is CUDA-only and bf16-only)
+GPU_QUANTIZED_BASES = {
+    "torchao-int4": "torchao Int4WeightOnlyConfig(group_size=32, tile_packed_to_4d), bf16, on CUDA",
+}
 
 
 def available(name: str) -> str | None:
     """``None`` when the base ``name`` can be built here, else the reason (a missing package)."""
+    if name in GPU_QUANTIZED_BASES and not torch.cuda.is_available():
+        return f"{name} needs a CUDA GPU ({GPU_QUANTIZED_BASES[name]})"
     package = "torchao" if name.startswith("torchao") else "bitsandbytes"
     try:
         __import__(package)
@@ -47,7 +54,8 @@ def _float_folder(seed: int) -> str:
 def quantized_tiny_llama(name: str, seed: int = 0):
     """The tiny LLaMA (:func:`modapt.testing.models.tiny_llama`) with its decoder linear layers
     quantized as ``name`` (a key of :data:`QUANTIZED_BASES`) says; ``lm_head`` stays float (as
-    transformers' bitsandbytes loading keeps it). eval mode, on the CPU."""
+    transformers' bitsandbytes loading keeps it). eval mode, on the CPU (``torchao-int4``: bf16
+    on the GPU, see :data:`GPU_QUANTIZED_BASES`)."""
     if name.startswith("bnb"):
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -61,6 +69,12 @@ def quantized_tiny_llama(name: str, seed: int = 0):
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(_float_folder(seed), quantization_config=config,
                                                          device_map="cpu", dtype=torch.float32)
+    elif name == "torchao-int4":
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        model = tiny_llama(seed=seed).to("cuda", torch.bfloat16)
+        quantize_(model, Int4WeightOnlyConfig(group_size=32, int4_packing_format="tile_packed_to_4d"),
+                  filter_fn=lambda m, path: isinstance(m, torch.nn.Linear) and not path.endswith("lm_head"))
     elif name == "torchao-int8":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
