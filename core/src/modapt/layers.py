@@ -47,8 +47,15 @@ def called_plainly(module: nn.Module) -> bool:
     with no forward hooks or pre-hooks (accelerate's offloading, user hooks): anything else
     must be called as the module it is.
     """
-    return (type(module) in _PLAIN_LAYERS and quantized.is_plain_tensor(module.weight)
+    return (type(module) in _PLAIN_LAYERS and has_plain_weight(module)
             and not module._forward_hooks and not module._forward_pre_hooks)
+
+
+def has_plain_weight(module: nn.Module) -> bool:
+    """True when ``module.weight`` is a plain floating tensor a matmul may use as W0 (not packed,
+    not a tensor subclass): the condition of every fast path that multiplies by W0 itself."""
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and quantized.is_plain_tensor(weight)
 
 
 def is_quantized(module: nn.Module) -> bool:

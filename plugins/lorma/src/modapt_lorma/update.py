@@ -80,7 +80,7 @@ class Lorma(Update):
         """
         if self.options.inflation != "pi" or self.kind == "embedding" or args or kwargs:
             return None
-        if layers.is_quantized(base_layer):  # T·W0 would dequantize W0 every step: T acts on W0 x instead
+        if not layers.has_plain_weight(base_layer):  # quantized: T·W0 would dequantize W0 every step
             return None
         if self._dropout_active():
             return None
