@@ -391,3 +391,26 @@ def test_torchao_int4_on_the_gpu(method, tmp_path):
     modapt.save(model, tmp_path / "adapter")
     fresh = modapt.load(quantized_tiny_llama("torchao-int4"), tmp_path / "adapter")
     torch.testing.assert_close(logits(fresh, inputs), logits(model, inputs), rtol=0, atol=0)
+
+
+def test_cli_merge_of_a_4bit_adapter_into_the_float_folder(tmp_path, capsys):
+    """The adapter trained on the 4-bit form of a float folder: refused with the way out named,
+    merged with --no-verify-base (in the folder's dtype, by the streaming merge)."""
+    from modapt.cli import main
+    from modapt.testing.quantized_models import _float_folder
+    from transformers import AutoModelForCausalLM
+
+    model = modapt.apply(quantized_tiny_llama("bnb-nf4"), recipe("lora"))
+    randomize(model)
+    modapt.save(model, tmp_path / "adapter")
+    args = ["merge", "--base", _float_folder(0), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "o")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "is not quantized (float32)" in err and "--no-verify-base" in err and "corrupted" not in err
+    assert main([*args, "--no-verify-base"]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    host = model.model.layers[0].self_attn.q_proj
+    float_w0 = AutoModelForCausalLM.from_pretrained(_float_folder(0)).model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        want = float_w0 + 2.0 * host.lora_B.weight @ host.lora_A.weight  # W0 of the float folder + s·B A
+    torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight, want, rtol=1e-5, atol=1e-6)

@@ -407,8 +407,9 @@ def _verify_fingerprint(source: AdapterSource, plans: list[LayerPlan], get) -> N
         raise MergeError(f"base tensor {exc} is missing") from None
     problem = first_mismatch(expected, actual)
     if problem:
-        raise MergeError(f"the base checkpoint is not the one the adapter was trained on: {problem} "
-                         "(corrupted or another model; verify_base=False / --no-verify-base merges anyway)")
+        way_out = "" if "verify_base=False" in problem else \
+            " (corrupted or another model; verify_base=False / --no-verify-base merges anyway)"
+        raise MergeError(f"the base checkpoint is not the one the adapter was trained on: {problem}{way_out}")
 
 
 def _untie_plan(model, base_dir: Path, ckpt: Checkpoint, touched: dict, groups: dict) -> list[str]:
