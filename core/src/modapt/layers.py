@@ -47,20 +47,37 @@ def called_plainly(module: nn.Module) -> bool:
     with no forward hooks or pre-hooks (accelerate's offloading, user hooks): anything else
     must be called as the module it is.
     """
-    return (type(module) in _PLAIN_LAYERS and has_plain_weight(module)
-            and not module._forward_hooks and not module._forward_pre_hooks)
+    return (type(module) in _PLAIN_LAYERS and not module._forward_hooks and not module._forward_pre_hooks
+            and has_plain_weight(module))
 
 
 def has_plain_weight(module: nn.Module) -> bool:
     """True when ``module.weight`` is a plain floating tensor a matmul may use as W0 (not packed,
     not a tensor subclass): the condition of every fast path that multiplies by W0 itself."""
-    weight = getattr(module, "weight", None)
+    weight = _weight(module)
+    if type(weight) is nn.Parameter or type(weight) is torch.Tensor:  # the common case, in ~0.1 µs
+        return weight.is_floating_point()
     return isinstance(weight, torch.Tensor) and quantized.is_plain_tensor(weight)
+
+
+def _weight(module: nn.Module):
+    # the parameter dict first: nn.Module.__getattr__ costs more than the rest of these checks
+    weight = module._parameters.get("weight")
+    return weight if weight is not None else getattr(module, "weight", None)
 
 
 def is_quantized(module: nn.Module) -> bool:
     """True for a linear layer of a quantized kind (:mod:`modapt.quantized`)."""
-    return quantized.kind_of(module) is not None
+    return _quantized_kind(module) is not None
+
+
+def _quantized_kind(module: nn.Module):
+    # a plain floating weight is never quantized: one type check, so that the per-call readers
+    # below (fused paths read W0 every step) pay nothing measurable on a float model
+    weight = _weight(module)
+    if (type(weight) is nn.Parameter or type(weight) is torch.Tensor) and weight.is_floating_point():
+        return None
+    return quantized.kind_of(module)
 
 
 def weight_of(module: nn.Module) -> torch.Tensor:
@@ -69,7 +86,7 @@ def weight_of(module: nn.Module) -> torch.Tensor:
     For a quantized layer: W0 dequantized, a new floating tensor each call (one
     dequantization of the layer: callers that need it every step say so in their README).
     """
-    if quantized.kind_of(module) is not None:
+    if _quantized_kind(module) is not None:
         return quantized.dequantize(module)
     kind = layer_kind(module)
     if kind == "linear":
@@ -87,7 +104,7 @@ def to_storage(module: nn.Module, canonical: torch.Tensor) -> torch.Tensor:
 def dims_of(module: nn.Module) -> tuple[int, int]:
     """(out, in) of the canonical weight (a quantized layer's from the module: its stored
     tensor is packed)."""
-    if quantized.kind_of(module) is not None:
+    if _quantized_kind(module) is not None:
         return int(module.out_features), int(module.in_features)
     out_f, in_f = weight_of(module).shape
     return int(out_f), int(in_f)
@@ -106,7 +123,7 @@ def linear_apply(module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> to
 
 def w0_apply(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """W0 x [..., out] without bias for x [..., in]; a quantized layer computes it by its own call."""
-    if quantized.kind_of(module) is not None:
+    if _quantized_kind(module) is not None:
         out = module(x)
         bias = getattr(module, "bias", None)
         return out - bias.to(out.dtype) if bias is not None else out

@@ -30,6 +30,7 @@ subclass (``weight.qdata``, ``weight.scale``, ``weight.zero_point`` for ``Int8Te
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -289,12 +290,13 @@ def load_kwargs(quantize: str, compute_dtype: torch.dtype | None = None) -> dict
 
     ``compute_dtype``: default bfloat16 on a GPU that supports it, else float32 (the CPU);
     the model's other weights (norms, embeddings, head) load in it too. The device map puts
-    the model on the GPU when there is one, else the CPU.
+    the model on the GPU when there is one (``LOCAL_RANK``'s under torchrun), else the CPU.
     """
     if compute_dtype is None:
         cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         compute_dtype = torch.bfloat16 if cuda_bf16 else torch.float32
-    device_map = {"": 0} if torch.cuda.is_available() else "cpu"
+    # one whole copy per process: under torchrun each rank loads onto its own GPU
+    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else "cpu"
     return {"quantization_config": bnb_config(quantize, compute_dtype), "device_map": device_map,
             "dtype": compute_dtype}
 
