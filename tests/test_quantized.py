@@ -293,6 +293,14 @@ def test_prepare_for_kbit_training_casts_norms_and_enables_input_grads():
     loss.backward()  # checkpointed blocks: the adapters inside get gradients through the input's grad
     grads = [p.grad for p in modapt.trainable_parameters(model).values()]
     assert all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    # merged layers hold W* in bf16 inside a float32 model (norms cast up): they are called like
+    # the quantized layers were (input cast to bf16, output back); W* rounded to bf16 is the error
+    model.eval()
+    adapted = logits(model, tiny_inputs())
+    modapt.merge(model)
+    merged = logits(model, tiny_inputs())
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert (merged - adapted).abs().max() <= 0.02 * adapted.abs().max()
 
 
 def test_train_cli_quantize_4bit(tmp_path, capsys):

@@ -20,8 +20,9 @@ class AdaptedLayer(nn.Module):
     base weight holds W*, the original W0 is kept in ``_w0_backup`` for a bit-exact unmerge).
 
     A quantized base (:mod:`modapt.quantized`) cannot hold W* in its packed form without
-    re-quantizing (lossy, so no exact unmerge): merging swaps in a plain ``nn.Linear`` holding
-    W* dequantized, in the layer's compute dtype, and keeps the quantized layer itself aside
+    re-quantizing (lossy, so no exact unmerge): merging swaps in an ``nn.Linear`` holding W*
+    (:class:`modapt.quantized.DequantizedLinear`, called like the quantized layer) in the
+    layer's compute dtype, and keeps the quantized layer itself aside
     (``quantized_base``, not a submodule: it stays where it is on ``.to()`` and out of state
     dicts); unmerge puts that same object back, so it is exact.
     """

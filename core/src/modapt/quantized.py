@@ -388,14 +388,29 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     return model
 
 
+class DequantizedLinear(nn.Linear):
+    """An ``nn.Linear`` holding a dequantized (or merged) weight in place of a quantized layer,
+    called the way the quantized layer was: x [..., in] is cast to the weight's dtype and the
+    output [..., out] back to x's dtype. A quantized layer computes in its compute dtype and
+    returns the input's dtype, so the model around it may run in another dtype (float32 norms
+    after :func:`prepare_for_kbit_training` around bf16 layers); a bare ``nn.Linear`` would
+    fail there. Its state dict is an ``nn.Linear``'s (``weight``, ``bias``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.weight.dtype
+        if x.dtype == dtype or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        return super().forward(x.to(dtype)).to(x.dtype)
+
+
 def plain_linear(module: nn.Module, dtype: torch.dtype | None = None,
                  weight: torch.Tensor | None = None) -> nn.Linear:
-    """A frozen ``nn.Linear`` computing like ``module`` with ``weight`` [out, in] (default: W0
-    dequantized), in ``dtype`` (default: the layer's compute dtype)."""
+    """A frozen :class:`DequantizedLinear` computing like ``module`` with ``weight`` [out, in]
+    (default: W0 dequantized), in ``dtype`` (default: the layer's compute dtype)."""
     dtype = dtype or compute_dtype(module)
     weight = dequantize(module) if weight is None else weight
     bias = getattr(module, "bias", None)
-    plain = nn.Linear(module.in_features, module.out_features, bias=bias is not None, device="meta")
+    plain = DequantizedLinear(module.in_features, module.out_features, bias=bias is not None, device="meta")
     plain.weight = nn.Parameter(weight.detach().to(dtype).contiguous(), requires_grad=False)
     if bias is not None:
         plain.bias = nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
