@@ -375,7 +375,7 @@ def refuse_overlap(out_dir: Path, inputs: dict[str, Path]) -> None:
             relation = "lies inside"
         else:
             continue
-        raise MergeError(f"the output folder {out_dir} {relation} the {role} folder {path}; a merge never writes "
+        raise MergeError(f"the output folder {out_dir} {relation} the {role} folder {path}; modapt never writes "
                          "over its inputs: choose an output folder outside both")
 
 
