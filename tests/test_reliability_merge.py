@@ -194,3 +194,41 @@ def test_symlinked_side_files_are_copied_as_links(root):
     # the output holds no byte of the linked file: only the link itself
     assert all(not p.is_file() or p.is_symlink() or b"private key" not in p.read_bytes()
                for p in (root / "out").iterdir())
+
+
+def _edit_json(path: Path, edit) -> None:
+    import json
+
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_evil_regex_in_a_saved_recipe_is_refused_not_run(root, capsys):
+    """A downloaded adapter whose saved targets backtrack for ever: refused before any match."""
+    import shutil
+
+    shutil.copytree(root / "a", root / "evil")
+    _edit_json(root / "evil" / "adapter_config.json",
+               lambda c: c["recipe"]["adapter"][0].update(targets=["re:(.*.*.*.*.*)*X"]))
+    with pytest.raises(modapt.ModaptError, match="nested quantifiers"):
+        modapt.load(tiny_llama(), root / "evil")
+    code = modapt.cli.main(["merge", "--base", str(root / "base"), "--adapter", str(root / "evil"),
+                            "--out", str(root / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and "nested quantifiers" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("key, words", [("((", "invalid regular expression"),
+                                        ("(.*.*.*.*.*)*X", "nested quantifiers")])
+def test_peft_rank_pattern_key_that_is_no_safe_regex_is_one_line(root, capsys, key, words):
+    from modapt_export import save_peft
+
+    model = modapt.apply(tiny_llama(), RECIPE)
+    save_peft(model, root / "peft")
+    _edit_json(root / "peft" / "adapter_config.json", lambda c: c.update(rank_pattern={key: 2}))
+    code = modapt.cli.main(["merge", "--base", str(root / "base"), "--adapter", str(root / "peft"),
+                            "--out", str(root / "out")])
+    err = capsys.readouterr().err
+    assert code == 1 and f"PEFT pattern key {key!r}" in err and words in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "re.error" not in err
