@@ -104,6 +104,7 @@ def test_merge_killed_at_every_boundary_keeps_the_old_or_the_new_output(root, mo
         assert now == (new if point in ("exchanged", "renamed") else old), point
         overwrite()  # the next run completes the job and removes what the kill left
         assert content(out) == new and hidden(root) == [], (point, hidden(root))
+    print(f"\nmerge with overwrite ({'exchange' if exchange else 'two renames'}): killed at {len(points)} boundaries")
 
 
 def test_first_merge_killed_at_every_boundary_leaves_no_output(root):
@@ -124,6 +125,7 @@ def test_first_merge_killed_at_every_boundary_leaves_no_output(root):
         merge._remove(out)
         first()
         assert content(out) == new and hidden(root) == []
+    print(f"\nfirst merge: killed at {len(points)} boundaries")
 
 
 def test_a_live_merges_partial_folder_is_left_alone(root):
