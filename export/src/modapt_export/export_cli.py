@@ -62,9 +62,13 @@ def check_paths(args) -> None:
     """Refuse an ``--out`` that is a file or overlaps an input, and inputs that are not folders."""
     base, out = Path(args.base), Path(args.out)
     if not base.is_dir():
-        raise ModaptError(f"--base {base}: not a folder")
-    if args.adapter is not None and not Path(args.adapter).is_dir():
-        raise ModaptError(f"--adapter {args.adapter}: not a folder")
+        raise ModaptError(f"--base {base}: not a transformers checkpoint directory (no such folder)")
+    if args.adapter is not None:
+        adapter = Path(args.adapter)
+        if not adapter.is_dir():
+            raise ModaptError(f"--adapter {adapter}: not a folder")
+        if not (adapter / "adapter_config.json").is_file():
+            raise ModaptError(f"--adapter {adapter}: no adapter_config.json (not a modapt or PEFT adapter folder)")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise ModaptError(f"--out {out} exists and is not a folder; choose a folder name")
     from .merge import refuse_overlap
