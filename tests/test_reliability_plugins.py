@@ -146,16 +146,27 @@ def test_cli_lists_a_plugin_broken_at_import_and_the_others_work(monkeypatch, tm
         assert modapt.cli.main(["recipe", "check", str(tmp_path / "r.json")]) == 0
 
 
+def _hello(parser):
+    parser.set_defaults(run=lambda args: print("hello") or 0)
+
+
+HELLO = plugin(modapt_register_commands=lambda register: register("hello", _hello, help="say hello"))
+
+
 def test_cli_survives_a_plugin_raising_in_register_commands(monkeypatch, tmp_path, capsys):
     """One plugin's broken command must not take the whole CLI (and every other plugin) down."""
     bad = plugin(modapt_register_commands=lambda register: boom())
-    reg = cli_registry(monkeypatch, FakeEP("badcmd", "modapt-badcmd", lambda: bad))
+    reg = cli_registry(monkeypatch, FakeEP("badcmd", "modapt-badcmd", lambda: bad),
+                       FakeEP("hello", "modapt-hello", lambda: HELLO))
     (tmp_path / "r.json").write_text(json.dumps(LORA))
     with use_registry(reg):
-        code = modapt.cli.main(["recipe", "check", str(tmp_path / "r.json")])
-    _, err = capsys.readouterr()
-    assert code == 0, err
-    assert "badcmd" in err and "modapt-badcmd" in err and "boom" in err and "Traceback" not in err
+        code = modapt.cli.main(["hello"])
+        out, err = capsys.readouterr()
+        assert code == 0 and out == "hello\n", err
+        assert "badcmd" in err and "modapt-badcmd" in err and "boom" in err and "Traceback" not in err
+        # core commands never call the plugins' command hooks: nothing to warn about
+        assert modapt.cli.main(["recipe", "check", str(tmp_path / "r.json")]) == 0
+        assert capsys.readouterr().err == ""
 
 
 def test_cli_command_cannot_be_taken_over(monkeypatch, tmp_path, capsys):
@@ -164,10 +175,14 @@ def test_cli_command_cannot_be_taken_over(monkeypatch, tmp_path, capsys):
         register("recipe", lambda parser: parser.set_defaults(run=lambda args: boom()), help="hijack")
 
     thief = plugin(modapt_register_commands=register_commands)
-    reg = cli_registry(monkeypatch, FakeEP("thief", "modapt-thief", lambda: thief))
+    reg = cli_registry(monkeypatch, FakeEP("thief", "modapt-thief", lambda: thief),
+                       FakeEP("hello", "modapt-hello", lambda: HELLO))
     (tmp_path / "r.json").write_text(json.dumps(LORA))
     with use_registry(reg):
+        code = modapt.cli.main(["hello"])
+        out, err = capsys.readouterr()
+        assert code == 0 and out == "hello\n", err
+        assert "modapt-thief" in err and "'recipe'" in err and "taken" in err
         code = modapt.cli.main(["recipe", "check", str(tmp_path / "r.json")])
-    out, err = capsys.readouterr()
-    assert code == 0 and "valid" in out, err
-    assert "modapt-thief" in err and "'recipe'" in err and "taken" in err
+        out, err = capsys.readouterr()
+        assert code == 0 and "valid" in out, err

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import annotated_types
 import pydantic
 
 Family = Literal["update", "reparam", "attention", "module"]
@@ -51,9 +52,40 @@ class Options(pydantic.BaseModel):
 
     A method subclasses this with its own fields (``r: int = 8``...). ``targets`` and
     ``update`` are recipe structure handled by the core, never option fields.
+
+    Two rules hold for every method, so that no plugin can forget them:
+    - no float option (nested in lists and optionals too) is NaN or ±Inf: ``lora_alpha = inf``
+      passes ``gt=0`` and turns every output into NaN, so it is refused at recipe check;
+    - an integer option (a count: ranks, steps, periods) that declares no lower bound of its
+      own is at least 0; a field that means something else declares its bound (``ge=-1``).
     """
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @pydantic.field_validator("*", mode="after")
+    @classmethod
+    def _counts_are_not_negative(cls, value: Any, info: pydantic.ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and any(isinstance(m, (annotated_types.Ge, annotated_types.Gt)) for m in field.metadata):
+            return value  # the field's own bound was checked by pydantic
+        bad = _negative_int(value)
+        if bad is not None:
+            raise ValueError(f"a count must be >= 0, got {bad}")
+        return value
+
+
+def _negative_int(value: Any) -> int | None:
+    """The first negative int in ``value`` (an int or a list/tuple of them), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if value < 0 else None
+    if isinstance(value, (list, tuple)):
+        for item in value:
+            bad = _negative_int(item)
+            if bad is not None:
+                return bad
+    return None
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ import pydantic
 from .errors import PluginError, RecipeError, did_you_mean
 from .methods import Options
 from .registry import KNOWN_DISTRIBUTIONS, Registry, default_registry
+from .targets import check_regex
 
 TOP_LEVEL_KEYS = ("adapter", "preset", "overrides", "modules_to_save")
 STRUCTURE_KEYS = ("method", "targets", "update")
@@ -186,7 +187,7 @@ class _Parser:
                     f"unknown key '{key}'{did_you_mean(str(key), TOP_LEVEL_KEYS)}; "
                     f"accepted: {', '.join(TOP_LEVEL_KEYS)}", str(key))
         entries: list[tuple[str, Any]] = []
-        modules_to_save = list(self._names(data.get("modules_to_save", []), "modules_to_save"))
+        modules_to_save = list(self._targets(data.get("modules_to_save", []), "modules_to_save"))
         if "preset" in data:
             preset_entries, preset_save = self._expand_preset(data["preset"], data.get("overrides", {}), ())
             entries += preset_entries
@@ -210,6 +211,14 @@ class _Parser:
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
             raise self.error(f"expected a list of non-empty strings, got {_brief(value)}", path)
         return tuple(value)
+
+    def _targets(self, value: Any, path: str) -> tuple[str, ...]:
+        """Target names; ``re:`` patterns are refused here when they could backtrack for ever."""
+        names = self._names(value, path)
+        for i, name in enumerate(names):
+            if name.startswith("re:"):
+                check_regex(name[3:], path=f"{path}[{i}]", source=self.source)
+        return names
 
     def _expand_preset(self, name: Any, overrides: Any, seen: tuple[str, ...]):
         path = "preset"
@@ -284,7 +293,7 @@ class _Parser:
                 raise self.error("an update takes its targets from the reparam around it", f"{path}.targets")
             if update_raw is not None:
                 raise self.error("an update cannot wrap another update", f"{path}.update")
-        targets = None if targets_raw is None else self._names(targets_raw, f"{path}.targets")
+        targets = None if targets_raw is None else self._targets(targets_raw, f"{path}.targets")
         if parent is None and targets is None and method.default_targets is None:
             raise self.error(
                 "missing key 'targets' (module-name suffixes, 're:' regular expressions, module class names, "

@@ -11,16 +11,32 @@ and update do the work through the update contract.
 
 Each output shard is its input shard with the merged tensors' bytes overwritten (see
 :mod:`modapt_export.shards`); everything else is copied through byte for byte. The output
-is written into a temporary folder beside ``out_dir`` and renamed into place at the end, so a
-failed merge leaves no output folder.
+is written into a hidden folder ``.OUT.PID.*.partial`` beside ``out_dir`` and put in place at
+the end, so a failed merge leaves no output folder. Replacing an existing ``out_dir``
+(``overwrite``) is one atomic exchange of the two directories (Linux ``renameat2`` with
+``RENAME_EXCHANGE``): at every instant ``out_dir`` is the previous output or the new one,
+whole. Where the filesystem cannot exchange, the old folder is moved aside to ``.OUT.old-PID``
+first; a kill between the two renames leaves no ``out_dir`` and the next merge into it moves
+the old folder back before it starts. Leftovers of killed merges (``.OUT.PID.*.partial``,
+``.OUT.old-PID`` whose process is dead) are removed by the next merge into the same
+``out_dir``. ``out_dir`` may not be, contain or lie inside the base or the adapter folder.
+
+Side files (config, tokenizer) that are symbolic links are copied as links to their resolved
+absolute target, never through them: a link planted in a downloaded base folder (to a key
+file, say) never puts that file's bytes into the merged output, and Hugging Face cache
+snapshots (every file a link into ``blobs/``) still give a working output.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,6 +60,16 @@ SKIPPED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 
 class MergeError(ModaptError):
     """The adapter cannot be merged into this base (mismatch, non-finite result, unsupported)."""
+
+
+# Fault injection (tests only): called with the name of every rename / file-replacement
+# boundary of a merge, so that a test can kill the process at each one deterministically.
+FAULT_HOOK: Callable[[str], None] | None = None
+
+
+def _boundary(point: str) -> None:
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(point)
 
 
 @dataclass
@@ -238,6 +264,10 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     """
     registry = registry or default_registry()
     base_dir, out_dir = Path(base_dir), Path(out_dir)
+    refuse_overlap(out_dir, {"base": base_dir, "adapter": Path(adapter_dir)})
+    clean_stale(out_dir)
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        raise MergeError(f"{out_dir} exists and is not a folder; choose another output folder")
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} exists; choose another output folder (or pass overwrite)")
     if _quantization_config(base_dir) is not None:
@@ -283,7 +313,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
                                  f"{list(entry.shape)}")
             if name in touched:
                 raise MergeError(f"'{name}' is both adapted and in modules_to_save")
-            touched[name] = (lambda t=tensor, e=entry: t.detach().to(e.torch_dtype).contiguous())
+            touched[name] = (lambda n=name, t=tensor, e=entry: saved_tensor(n, t, e, safe))
 
     if verify_base and source.fingerprint is not None:
         _verify_fingerprint(source, plans, get)
@@ -301,10 +331,12 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
         additions[entry.file].append((key, entry, fn))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    # the PID in the name tells the next run whether the writer is dead (see clean_stale)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
     try:
         for name in ckpt.files:
             write_shard(base_dir / name, ckpt.headers[name], tmp / name, by_file[name], additions[name])
+            _boundary(f"shard:{name}")
         if ckpt.index is not None:
             index = copy.deepcopy(ckpt.index)
             for name, added in additions.items():
@@ -313,10 +345,12 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
                     if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
                         index["metadata"]["total_size"] += entry.end - entry.begin
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            _boundary("index")
         _copy_side_files(base_dir, tmp, untie)
+        _boundary("side-files")
         _commit(tmp, out_dir, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     return out_dir
 
@@ -380,7 +414,7 @@ def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | o
     if safe and not all(torch.isfinite(p).all() for p in model.parameters() if p.is_floating_point()):
         raise MergeError(f"merging into {base_dir} gives NaN or Inf in {dtype}; nothing was written")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
     try:
         model.save_pretrained(tmp)
         for path in sorted(base_dir.iterdir()):  # tokenizer and other side files the save did not write
@@ -389,9 +423,119 @@ def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | o
                 shutil.copy2(path, tmp / path.name)
         _commit(tmp, out_dir, overwrite)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     return out_dir
+
+
+def saved_tensor(name: str, tensor: torch.Tensor, entry: TensorEntry, safe: bool) -> torch.Tensor:
+    """A ``modules_to_save`` tensor in the checkpoint's dtype; with ``safe``, refused when not finite."""
+    stored = tensor.detach().to(entry.torch_dtype).contiguous()
+    if safe and stored.is_floating_point() and not torch.isfinite(stored).all():
+        raise MergeError(f"modules_to_save tensor '{name}' holds NaN or Inf (a diverged adapter, or fp16/bf16 "
+                         "overflow); nothing was written")
+    return stored
+
+
+def _real(path: Path) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def refuse_overlap(out_dir: Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output folder that is, contains or lies inside an input folder (links resolved).
+
+    ``--overwrite`` removes the old output: with ``--out`` = the folder holding the base and
+    the adapter, that would delete both (issue 41). Refused with or without ``overwrite``.
+    """
+    out = _real(out_dir)
+    for role, path in inputs.items():
+        inp = _real(path)
+        if out == inp:
+            relation = "is"
+        elif inp.is_relative_to(out):
+            relation = "contains"
+        elif out.is_relative_to(inp):
+            relation = "lies inside"
+        else:
+            continue
+        raise MergeError(f"the output folder {out_dir} {relation} the {role} folder {path}; modapt never writes "
+                         "over its inputs: choose an output folder outside both")
+
+
+_STALE = re.compile(r"(?P<pid>\d+)\.[^/]*\.partial|old-(?P<old>\d+)")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's live process (or a number no process has): leave it alone
+    return True
+
+
+def clean_stale(out_dir: Path) -> list[str]:
+    """Remove what killed merges into ``out_dir`` left beside it; returns the names removed.
+
+    ``.OUT.PID.*.partial`` (an unfinished output) and ``.OUT.old-PID`` (a replaced output not yet
+    deleted) are removed when process PID is dead; live merges' folders are left alone. When
+    ``out_dir`` itself is missing and a dead ``.OUT.old-PID`` exists, the kill came between the
+    two renames of the fallback commit: that folder is the previous output, whole, and is moved
+    back to ``out_dir`` instead.
+    """
+    parent = out_dir.parent
+    prefix = f".{out_dir.name}."
+    removed: list[str] = []
+    if not parent.is_dir():
+        return removed
+    for entry in sorted(parent.iterdir()):
+        if not entry.name.startswith(prefix):
+            continue
+        match = _STALE.fullmatch(entry.name[len(prefix):])
+        if match is None:
+            continue
+        pid = int(match["pid"] or match["old"])
+        if _alive(pid):
+            continue
+        if match["old"] and not (out_dir.exists() or out_dir.is_symlink()):
+            os.rename(entry, out_dir)  # roll back: the previous output comes back whole
+            continue
+        _remove(entry)
+        removed.append(entry.name)
+    return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing directory entries atomically (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform or the filesystem cannot (the caller falls back).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _verify_fingerprint(source: AdapterSource, plans: list[LayerPlan], get) -> None:
@@ -435,9 +579,13 @@ def _untie_plan(model, base_dir: Path, ckpt: Checkpoint, touched: dict, groups: 
 
 def _copy_side_files(base_dir: Path, out: Path, untie: list[str]) -> None:
     for path in sorted(base_dir.iterdir()):
-        if not path.is_file() or path.name == INDEX_NAME or path.name in PICKLE_WEIGHTS:
+        if not (path.is_file() or path.is_symlink()) or path.name == INDEX_NAME or path.name in PICKLE_WEIGHTS:
             continue
         if path.name.endswith(SKIPPED_SUFFIXES) or path.name.startswith("pytorch_model"):
+            continue
+        if path.is_symlink():
+            # copy the link, never the bytes behind it (module docstring); absolute, so it does not dangle
+            os.symlink(os.path.realpath(path), out / path.name)
             continue
         shutil.copy2(path, out / path.name)
     if untie:
@@ -447,13 +595,20 @@ def _copy_side_files(base_dir: Path, out: Path, untie: list[str]) -> None:
 
 
 def _commit(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished folder into place (an old one is moved aside first, then removed)."""
-    old = None
-    if out_dir.exists():
-        if not overwrite:
-            raise MergeError(f"{out_dir} appeared during the merge; the result is not written")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.rename(out_dir, old)
+    """Put the finished folder in place: an atomic exchange with an old one, else two renames."""
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        os.rename(tmp, out_dir)
+        _boundary("renamed")
+        return
+    if not overwrite:
+        raise MergeError(f"{out_dir} appeared during the merge; the result is not written")
+    if _exchange(tmp, out_dir):
+        _boundary("exchanged")
+        _remove(tmp)  # it now holds the old output; a kill here leaves a stale .partial the next run removes
+        return
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    os.rename(out_dir, old)
+    _boundary("moved-aside")  # a kill here: no out_dir, the old one whole aside; clean_stale moves it back
     os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    _boundary("renamed")
+    _remove(old)

@@ -22,8 +22,15 @@ def configure(parser):
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     import torch
 
+    from modapt.errors import ModaptError
+
+    for option, value in (("--base", args.base), ("--adapter", args.adapter)):
+        if not Path(value).is_dir():
+            raise ModaptError(f"{option} {value}: not a folder")
     from .merge import merge_checkpoint
 
     out = merge_checkpoint(args.base, args.adapter, args.out, safe=not args.unsafe, overwrite=args.overwrite,

@@ -43,6 +43,7 @@ from torch import nn
 import modapt
 from modapt import AdapterLoadError
 from modapt.registry import Registry, default_registry
+from modapt.targets import regex_problem
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -84,6 +85,9 @@ def file_keys(decl: dict, kind: str | None) -> dict[str, str]:
 def pattern_value(patterns: dict | None, path: str, default):
     """A per-layer value from a PEFT pattern field ({pattern: value}), matched as PEFT matches."""
     for key, value in (patterns or {}).items():
+        problem = regex_problem(key)  # a stranger's config: refuse what does not parse or backtracks for ever
+        if problem:
+            raise PeftFormatError(f"PEFT pattern key {key!r}: {problem}")
         if re.match(rf"(.*\.)?({key})$", path):
             return value
     return default
