@@ -139,11 +139,6 @@ def read_adapter_set(model: nn.Module, directories: list, registry: modapt.Regis
                               "the folders, rename one")
     sources = [read_adapter(d, registry) for d in directories]
     first = sources[0].recipe.to_dict()
-    for name, src in zip(names[1:], sources[1:]):
-        diff = _first_recipe_difference(_strip_init(first), _strip_init(src.recipe.to_dict()))
-        if diff:
-            raise AdapterSetError(f"adapter '{name}' has another recipe than '{names[0]}' at {diff}: adapters exported "
-                                  "as inputs of one graph share methods, targets, ranks and scaling")
     recipe = modapt.parse_recipe(_identity_recipe(first), registry)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # the defaults' random halves (LoRA's A) are fixed: exports are reproducible
@@ -162,7 +157,7 @@ def read_adapter_set(model: nn.Module, directories: list, registry: modapt.Regis
     out = AdapterSet(names, recipe, defaults=defaults)
     for name, src in zip(names, sources):
         tensors = src.tensors
-        for key in sorted(set(defaults) | set(tensors)):
+        for key in [*defaults, *sorted(set(tensors) - set(defaults))]:  # the model's layer order first
             layer = _layer_of(key, layer_paths)
             if key not in tensors:
                 raise AdapterSetError(f"adapter '{name}' has no tensor '{key}' for layer '{layer}': every adapter of "
@@ -174,6 +169,12 @@ def read_adapter_set(model: nn.Module, directories: list, registry: modapt.Regis
                 raise AdapterSetError(f"adapter '{name}', layer '{layer}': '{key}' has shape {list(tensors[key].shape)}, "
                                       f"the other adapters {list(defaults[key].shape)} (ranks must match per layer)")
         out.tensors[name] = {k: tensors[k].to(defaults[k].dtype) for k in defaults}
+    # same layers and shapes; what else differs (LoRA's alpha: a constant of the graph) is refused too
+    for name, src in zip(names[1:], sources[1:]):
+        diff = _first_recipe_difference(_strip_init(first), _strip_init(src.recipe.to_dict()))
+        if diff:
+            raise AdapterSetError(f"adapter '{name}' has another recipe than '{names[0]}' at {diff}: adapters exported "
+                                  "as inputs of one graph share methods, targets, ranks and scaling")
     return out
 
 

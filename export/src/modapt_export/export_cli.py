@@ -18,7 +18,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     "torch.onnx.export(dynamo=True), verify ONNX Runtime against PyTorch and write OUT_DIR "
                     "(model.onnx, config, tokenizer, modapt_export.json). A failed verification leaves no OUT_DIR.")
     onnx.add_argument("--base", required=True, metavar="MODEL_DIR", help="transformers checkpoint directory")
-    onnx.add_argument("--adapter", metavar="ADAPTER_DIR", help="modapt adapter directory (modapt.save)")
+    onnx.add_argument("--adapter", metavar="ADAPTER_DIR", action="append",
+                      help="adapter folder, modapt (modapt.save) or PEFT; repeat it with --adapters-as-inputs")
+    onnx.add_argument("--adapters-as-inputs", action="store_true",
+                      help="write the base graph once with the adapters' tensors as graph inputs (default: no adapter) "
+                           "and one adapters/<name>.onnx_adapter per --adapter, switchable per request")
+    onnx.add_argument("--quiet", action="store_true", help="no stage reports on stderr")
     onnx.add_argument("--out", required=True, metavar="OUT_DIR", help="export directory to create")
     onnx.add_argument("--task", required=True, choices=TASKS)
     onnx.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -37,13 +42,22 @@ def run_onnx(args) -> int:
 
     from .onnx_export import export_onnx_pretrained
 
+    from .progress import Progress
+
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     manifest = export_onnx_pretrained(
         args.base, args.out, args.task, adapter=args.adapter, dtype=dtype, device=args.device,
+        adapters_as_inputs=args.adapters_as_inputs, progress=Progress(quiet=args.quiet),
         opset=args.opset, optimize=not args.no_optimize, tolerance=args.tolerance, overwrite=args.overwrite)
     v = manifest["verification"]
     print(f"wrote {manifest['path']}/model.onnx ({manifest['task']}, opset {manifest['opset']}, "
           f"{manifest['nodes']} nodes) in {manifest['export_seconds']:.1f} s")
     print(f"verified on {v['provider']}: max abs error {v['max_abs_error']:.3g}, max rel error "
           f"{v['max_rel_error']:.3g} (tolerance {v['tolerance']:g}, {len(v['cases'])} cases)")
+    for name, rel in manifest.get("adapter_files", {}).items():
+        a = v["adapters"][name]
+        print(f"adapter {name}: {manifest['path']}/{rel}, verified through LoraAdapter: max abs error "
+              f"{a['max_abs_error']:.3g}")
+    if manifest.get("genai_check"):
+        print(f"onnxruntime-genai greedy generation equals generate ({manifest['genai_check']['new_tokens']} tokens)")
     return 0

@@ -35,6 +35,7 @@ from modapt.recipe import AdapterSpec, Recipe, parse_recipe
 from modapt.registry import Registry, default_registry
 from torch import nn
 
+from .progress import SILENT, Progress
 from .shards import INDEX_NAME, PICKLE_WEIGHTS, Checkpoint, CheckpointError, TensorEntry, write_shard
 
 WEIGHT_FAMILIES = ("update", "reparam")
@@ -219,7 +220,7 @@ def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool) -> torch
 
 def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      safe: bool = True, overwrite: bool = False, verify_base: bool = True,
-                     registry: Registry | None = None) -> Path:
+                     registry: Registry | None = None, progress: Progress = SILENT) -> Path:
     """Fold the adapter in ``adapter_dir`` into the checkpoint ``base_dir``; write ``out_dir``.
 
     base_dir: a transformers folder with ``config.json`` and ``model.safetensors`` or shards
@@ -227,6 +228,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     adapter_dir: a modapt adapter (``modapt.save``) or a PEFT adapter folder.
     safe: refuse a merged tensor with NaN or Inf (on by default).
     verify_base: check the base fingerprint recorded in a modapt adapter against the shards.
+    progress: stage reports (``modapt merge`` prints them on stderr); silent by default.
 
     Returns ``out_dir``. The output has the same shard files and index, the merged tensors in
     their original dtype and layout, every other tensor byte for byte, and the other files of
@@ -236,6 +238,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} exists; choose another output folder (or pass overwrite)")
+    progress.note(f"reading {base_dir} and {adapter_dir}")
     ckpt = Checkpoint.open(base_dir)
     source = read_adapter(adapter_dir, registry)
     check_mergeable(source.recipe, registry)
@@ -276,7 +279,8 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
             touched[name] = (lambda t=tensor, e=entry: t.detach().to(e.torch_dtype).contiguous())
 
     if verify_base and source.fingerprint is not None:
-        _verify_fingerprint(source, plans, get)
+        with progress.stage("verification of the base fingerprint"):
+            _verify_fingerprint(source, plans, get)
 
     untie = _untie_plan(model, base_dir, ckpt, touched, groups)
     by_file: dict[str, dict] = {name: {} for name in ckpt.files}
@@ -293,7 +297,8 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
-        for name in ckpt.files:
+        for i, name in enumerate(ckpt.files, 1):
+            progress.step("shard", i, len(ckpt.files), f"{name} ({len(by_file[name])} merged tensors)")
             write_shard(base_dir / name, ckpt.headers[name], tmp / name, by_file[name], additions[name])
         if ckpt.index is not None:
             index = copy.deepcopy(ckpt.index)
@@ -305,6 +310,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _copy_side_files(base_dir, tmp, untie)
         _commit(tmp, out_dir, overwrite)
+        progress.note(f"saved {out_dir}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

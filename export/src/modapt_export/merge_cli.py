@@ -16,13 +16,15 @@ def configure(parser):
     parser.add_argument("--unsafe", action="store_true", help="do not stop on NaN/Inf in a merged tensor")
     parser.add_argument("--no-verify-base", action="store_true",
                         help="skip the base fingerprint check (a base in another dtype than the adapter was trained on)")
+    parser.add_argument("--quiet", action="store_true", help="no stage reports on stderr")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     from .merge import merge_checkpoint
+    from .progress import Progress
 
     out = merge_checkpoint(args.base, args.adapter, args.out, safe=not args.unsafe, overwrite=args.overwrite,
-                           verify_base=not args.no_verify_base)
+                           verify_base=not args.no_verify_base, progress=Progress(quiet=args.quiet))
     print(f"merged {args.adapter} into {args.base}: {out}", file=sys.stderr)
     return 0

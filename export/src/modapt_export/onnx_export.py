@@ -100,7 +100,9 @@ def export_onnx(model: torch.nn.Module, out_dir: str | os.PathLike, task: str, t
     dtype, device = param.dtype, param.device
     config = model.config
     model.eval()
-    check_genai = task == "causal-lm" and genai_tokens > 0 and genai.import_genai() is not None
+    # token equality is a fp32 criterion (fp16 argmax ties may flip); GenAI here is the CPU build
+    check_genai = (task == "causal-lm" and genai_tokens > 0 and dtype == torch.float32 and device.type == "cpu"
+                   and genai.import_genai() is not None)
     prompt = genai.check_prompt(config) if check_genai else None
     with progress.stage("reference outputs (PyTorch)"):
         references = {None: reference_outputs(model, task, config, dtype)}
@@ -313,8 +315,8 @@ AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "sequence-classification": 
 
 def load_for_export(base: str | os.PathLike, task: str, adapter: str | os.PathLike | None = None,
                     dtype: torch.dtype | None = None, device: str | None = None):
-    """Load a transformers checkpoint for ``task`` (and a modapt adapter on it). Returns
-    ``(model, tokenizer or None)``."""
+    """Load a transformers checkpoint for ``task`` (and an adapter folder on it, modapt or PEFT).
+    Returns ``(model, tokenizer or None)``."""
     import transformers
 
     check_task(task)
@@ -331,7 +333,9 @@ def load_for_export(base: str | os.PathLike, task: str, adapter: str | os.PathLi
         model.to(device)
     model.eval()
     if adapter is not None:
-        model = modapt.load(model, str(adapter))
+        from .adapter_folders import load_adapter_folder  # modapt or PEFT folder
+
+        model = load_adapter_folder(model, adapter)
     tokenizer = None
     if any((base / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")):
         try:
@@ -342,9 +346,20 @@ def load_for_export(base: str | os.PathLike, task: str, adapter: str | os.PathLi
 
 
 def export_onnx_pretrained(base: str | os.PathLike, out_dir: str | os.PathLike, task: str,
-                           adapter: str | os.PathLike | None = None, dtype: torch.dtype | None = None,
-                           device: str | None = None, **kwargs) -> dict:
-    """``modapt export onnx``: load ``base`` (+ ``adapter``), then :func:`export_onnx`."""
-    model, tokenizer = load_for_export(base, task, adapter, dtype, device)
+                           adapter: str | os.PathLike | list | None = None, dtype: torch.dtype | None = None,
+                           device: str | None = None, adapters_as_inputs: bool = False,
+                           progress: Progress = SILENT, **kwargs) -> dict:
+    """``modapt export onnx``: load ``base`` (+ ``adapter``), then :func:`export_onnx`.
+
+    ``adapter``: one folder (merged into the graph), or with ``adapters_as_inputs`` a list of
+    folders (modapt or PEFT) exported as graph inputs plus ``adapters/<name>.onnx_adapter`` files.
+    """
+    folders = [adapter] if isinstance(adapter, (str, os.PathLike)) else list(adapter or [])
+    if not adapters_as_inputs and len(folders) > 1:
+        raise modapt.ModaptError("several --adapter folders need --adapters-as-inputs (a merged graph holds one)")
+    with progress.stage("loading the model"):
+        model, tokenizer = load_for_export(base, task, None if adapters_as_inputs else (folders or [None])[0],
+                                           dtype, device)
+        adapters = adapter_io.read_adapter_set(model, folders) if adapters_as_inputs else None
     kwargs.setdefault("restore", False)  # the model is ours: merge(unload=True), as a plain checkpoint would be
-    return export_onnx(model, out_dir, task, tokenizer, **kwargs)
+    return export_onnx(model, out_dir, task, tokenizer, adapters=adapters, progress=progress, **kwargs)
