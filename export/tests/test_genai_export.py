@@ -273,27 +273,56 @@ def test_mismatched_rank_targets_or_scaling_refused(tmp_path):
         export_onnx_pretrained(base, tmp_path / "o", "causal-lm", adapter=[dirs[0], dirs[1]])
 
 
-def _reparam_inputs(tmp_path_factory, method: str):
-    recipe = {"adapter": [{"method": method, "targets": ["q_proj", "v_proj", "down_proj"],
-                           "update": {"method": "lora", "r": 4, "lora_alpha": 8}}]}
-    tmp = tmp_path_factory.mktemp(method)
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+FAMILY = {
+    "rslora": {"method": "lora", "r": 4, "lora_alpha": 8, "use_rslora": True},
+    "adalora": {"method": "adalora", "init_r": 4, "target_r": 2, "lora_alpha": 8, "total_step": 100},
+    "flora": {"method": "flora", "r": 4, "lora_alpha": 8},
+    "lorma": {"method": "lorma", "r": 4, "lora_alpha": 4, "inflation": "plus"},
+    "dora": {"method": "dora", "update": {"method": "lora", "r": 4, "lora_alpha": 8}},
+    "map": {"method": "map", "update": {"method": "lora", "r": 4, "lora_alpha": 8}},
+}
+
+
+def _inputs_export(tmp_path_factory, key: str):
+    """Adapters A and B of one method exported as inputs; (out dir, [torch base, A, B], manifest)."""
+    recipe = {"adapter": [{**FAMILY[key], "targets": TARGETS}]}
+    tmp = tmp_path_factory.mktemp(key)
     try:
         base, dirs, models = _save_adapters(tmp, recipe)
-    except modapt.RecipeError as exc:
-        pytest.skip(f"{method}: {exc}")
-    export_onnx_pretrained(base, tmp / "out", "causal-lm", adapter=dirs, adapters_as_inputs=True,
-                           progress=Progress(quiet=True))
-    return tmp / "out", models
+    except modapt.RecipeError as exc:  # the plugin is not installed
+        pytest.skip(f"{key}: {exc}")
+    manifest = export_onnx_pretrained(base, tmp / "out", "causal-lm", adapter=dirs, adapters_as_inputs=True,
+                                      progress=Progress(quiet=True))
+    return tmp / "out", models, manifest
+
+
+@pytest.fixture(scope="module", params=["rslora", "adalora", "flora"])
+def family_inputs(request, tmp_path_factory):
+    return _inputs_export(tmp_path_factory, request.param)
+
+
+def test_lora_family_adapters_as_inputs(family_inputs):
+    """ORT's LoraAdapter gives PyTorch's prefill logits for base, A and B; the export's own GenAI
+    check generated each adapter's greedy tokens equal to generate's."""
+    out, models, manifest = family_inputs
+    _check_prefill(out, models)
+    assert manifest["genai_check"]["passed"] and all(a["passed"] for a in manifest["genai_check"]["adapters"].values())
 
 
 @pytest.fixture(scope="module")
 def dora_inputs(tmp_path_factory):
-    return _reparam_inputs(tmp_path_factory, "dora")
+    return _inputs_export(tmp_path_factory, "dora")[:2]
 
 
 @pytest.fixture(scope="module")
 def lomap_inputs(tmp_path_factory):
-    return _reparam_inputs(tmp_path_factory, "map")
+    return _inputs_export(tmp_path_factory, "map")[:2]
+
+
+@pytest.fixture(scope="module")
+def lorma_inputs(tmp_path_factory):
+    return _inputs_export(tmp_path_factory, "lorma")[:2]
 
 
 @pytest.mark.slow
@@ -310,3 +339,9 @@ def test_lomap_adapters_as_inputs(lomap_inputs):
     _check_prefill(out, models)
     got = _genai_tokens(out, {"B": out / "adapters" / "B.onnx_adapter"})
     assert got == {"": _torch_tokens(models[0]), "B": _torch_tokens(models[2])}
+
+
+@pytest.mark.slow
+def test_lorma_plus_adapters_as_inputs(lorma_inputs):
+    out, models = lorma_inputs
+    _check_prefill(out, models)

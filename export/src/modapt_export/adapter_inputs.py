@@ -56,6 +56,12 @@ class AdapterSet:
     recipe: modapt.Recipe
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     defaults: dict[str, torch.Tensor] = field(default_factory=dict)
+    #: inputs that are 0-dim in the model (MAP's α, β): [1] in the graph and the adapter files,
+    #: since ``onnxruntime.AdapterFormat`` refuses parameters without dims
+    scalars: set[str] = field(default_factory=set)
+    #: inputs whose model dtype ``AdapterFormat`` does not take (AdaLoRA's bool ``rank_pattern``):
+    #: float32 in the graph and the files, cast back to this dtype inside the graph
+    casts: dict[str, torch.dtype] = field(default_factory=dict)
 
     @property
     def input_names(self) -> list[str]:
@@ -168,7 +174,11 @@ def read_adapter_set(model: nn.Module, directories: list, registry: modapt.Regis
             if tuple(tensors[key].shape) != tuple(defaults[key].shape):
                 raise AdapterSetError(f"adapter '{name}', layer '{layer}': '{key}' has shape {list(tensors[key].shape)}, "
                                       f"the other adapters {list(defaults[key].shape)} (ranks must match per layer)")
-        out.tensors[name] = {k: tensors[k].to(defaults[k].dtype) for k in defaults}
+        out.tensors[name] = {k: _as_input(tensors[k].to(defaults[k].dtype).reshape(defaults[k].shape or (1,)))
+                             for k in defaults}
+    out.scalars = {k for k, v in defaults.items() if v.dim() == 0}
+    out.casts = {k: v.dtype for k, v in defaults.items() if not v.is_floating_point()}
+    out.defaults = {k: _as_input(v.reshape(v.shape or (1,))) for k, v in defaults.items()}
     # same layers and shapes; what else differs (LoRA's alpha: a constant of the graph) is refused too
     for name, src in zip(names[1:], sources[1:]):
         diff = _first_recipe_difference(_strip_init(first), _strip_init(src.recipe.to_dict()))
@@ -176,6 +186,11 @@ def read_adapter_set(model: nn.Module, directories: list, registry: modapt.Regis
             raise AdapterSetError(f"adapter '{name}' has another recipe than '{names[0]}' at {diff}: adapters exported "
                                   "as inputs of one graph share methods, targets, ranks and scaling")
     return out
+
+
+def _as_input(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor as ``AdapterFormat`` stores it: floating dtypes kept, others (bool, int) as float32."""
+    return tensor if tensor.is_floating_point() else tensor.to(torch.float32)
 
 
 @torch.no_grad()
@@ -201,14 +216,19 @@ class AdapterInputsWrapper(nn.Module):
     """``(*task inputs, *adapter tensors)`` -> the task wrapper's outputs, with the adapter tensors
     substituted for the model's adapter parameters (``torch.func.functional_call``)."""
 
-    def __init__(self, inner: nn.Module, n_task_inputs: int, names: list[str]):
+    def __init__(self, inner: nn.Module, n_task_inputs: int, names: list[str], scalars: set[str] = frozenset(),
+                 casts: dict | None = None):
         super().__init__()
         self.inner = inner
         self.n_task_inputs = n_task_inputs
         self.names = [f"model.{n}" for n in names]  # the task wrapper holds the model as ``.model``
+        self.scalar = [n in scalars for n in names]
+        self.cast = [(casts or {}).get(n) for n in names]
 
     def forward(self, *flat):
         task_inputs, tensors = flat[: self.n_task_inputs], flat[self.n_task_inputs:]
+        tensors = [t.reshape(()) if s else t for t, s in zip(tensors, self.scalar)]
+        tensors = [t if c is None else (t != 0 if c == torch.bool else t.to(c)) for t, c in zip(tensors, self.cast)]
         return torch.func.functional_call(self.inner, dict(zip(self.names, tensors)), task_inputs, strict=False)
 
 
@@ -264,4 +284,4 @@ def load_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Copy one adapter's tensors into the template model's adapter parameters."""
     targets = adapter_state_dict(model)
     for k, v in tensors.items():
-        targets[k].copy_(v)
+        targets[k].copy_(v.reshape(targets[k].shape).to(targets[k].dtype))

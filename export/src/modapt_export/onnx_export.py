@@ -231,7 +231,8 @@ def trace(model: torch.nn.Module, task: str, opset: int | None = None, optimize:
     shapes = dynamic_shapes(task, config)
     if adapters is not None:
         flat = [s for entry in shapes for s in (entry if isinstance(entry, tuple) else (entry,))]
-        wrapper = adapter_io.AdapterInputsWrapper(wrapper, len(inputs), adapters.input_names).eval()
+        wrapper = adapter_io.AdapterInputsWrapper(wrapper, len(inputs), adapters.input_names,
+                                                   adapters.scalars, adapters.casts).eval()
         args = args + tuple(adapters.defaults[n] for n in adapters.input_names)
         shapes = (tuple(flat + [None] * len(adapters.input_names)),)  # one *flat parameter
         inputs = inputs + adapters.input_names
