@@ -98,22 +98,41 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _peft_lora(tmp):
+    """A base checkpoint and a PEFT LoRA folder made by PEFT itself (B randomised); returns
+    (base dir, adapter dir, the PEFT model: the reference)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_llama("causal-lm", seed=0)
+    base.save_pretrained(tmp / "base")
+    peft_model = get_peft_model(tiny_llama("causal-lm", seed=0),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    peft_model.save_pretrained(tmp / "peft")
+    return tmp / "base", tmp / "peft", peft_model.eval()
+
+
 @pytest.fixture(scope="module")
 def plain(tmp_path_factory):
-    """tiny LLaMA + LoRA, merged export; every transformers log line and warning recorded."""
+    """``modapt export onnx --adapter PEFT_FOLDER`` (merged graph), as the CLI calls it; every
+    transformers log line and warning of the export recorded."""
     from transformers.utils import logging as hf_logging
 
-    model = _randomise(modapt.apply(tiny_llama("causal-lm", seed=0), LORA), seed=1)
-    out = tmp_path_factory.mktemp("genai") / "plain"
+    tmp = tmp_path_factory.mktemp("genai")
+    base, adapter, model = _peft_lora(tmp)
     hf_logging.get_logger("x").warning_once.__func__.cache_clear()  # warnings already given are given again
     handler = _Records()
     logging.getLogger("transformers").addHandler(handler)
     try:
         with _no_filter() as caught:
-            manifest = export_onnx(model, out, "causal-lm")
+            manifest = export_onnx_pretrained(base, tmp / "plain", "causal-lm", adapter=adapter)
     finally:
         logging.getLogger("transformers").removeHandler(handler)
-    return model, out, manifest, handler.messages + [str(w.message) for w in caught]
+    return model, tmp / "plain", manifest, handler.messages + [str(w.message) for w in caught]
 
 
 def _no_filter():
@@ -130,6 +149,7 @@ def _no_filter():
 
 def test_genai_folder_generates_like_transformers(plain):
     model, out, manifest, _ = plain
+    assert manifest["adapters"][0]["method"] == "lora"  # the PEFT folder was read
     cfg = json.loads((out / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["filename"] == "model.onnx"
     assert (cfg["model"]["decoder"]["num_key_value_heads"], cfg["model"]["decoder"]["head_size"]) == (2, 16)
@@ -138,6 +158,10 @@ def test_genai_folder_generates_like_transformers(plain):
     got = _genai_tokens(out)[""]
     want = _torch_tokens(model)
     assert got == want
+    ids = torch.tensor([PROMPTS[1]])
+    np.testing.assert_allclose(_ort_prefill(out, ids), _prefill_logits(model, ids), atol=1e-4, rtol=0)
+    with model.disable_adapter():  # the PEFT adapter is in the graph: not the base
+        assert np.abs(_ort_prefill(out, ids) - _prefill_logits(model, ids)).max() > 1e-2
     assert [len(r) for r in got] == [len(p) + NEW_TOKENS for p in PROMPTS]
 
 
@@ -345,3 +369,15 @@ def test_lomap_adapters_as_inputs(lomap_inputs):
 def test_lorma_plus_adapters_as_inputs(lorma_inputs):
     out, models = lorma_inputs
     _check_prefill(out, models)
+
+
+def test_merge_reports_stages_and_quiet_silences(tmp_path, capsys):
+    from modapt.cli import main
+
+    base, adapter, _ = _peft_lora(tmp_path)
+    assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m1")]) == 0
+    err = capsys.readouterr().err
+    assert "shard 1/1: model.safetensors (6 merged tensors)" in err and " s] " in err
+    assert main(["merge", "--quiet", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "m2")]) == 0
+    err = capsys.readouterr().err
+    assert "shard" not in err and " s] " not in err
