@@ -304,7 +304,7 @@ FAMILY = {
     "flora": {"method": "flora", "r": 4, "lora_alpha": 8},
     "lorma": {"method": "lorma", "r": 4, "lora_alpha": 4, "inflation": "plus"},
     "dora": {"method": "dora", "update": {"method": "lora", "r": 4, "lora_alpha": 8}},
-    "map": {"method": "map", "update": {"method": "lora", "r": 4, "lora_alpha": 8}},
+    "map": {"method": "map", "init": "paper", "update": {"method": "lora", "r": 4, "lora_alpha": 8}},
 }
 
 

@@ -106,22 +106,31 @@ def _strip_init(value):
     return value
 
 
-def _identity_recipe(recipe_dict: dict) -> dict:
-    """The recipe with every ``init`` option that has an identity form set to it (MAP)."""
+def _identity_recipe(recipe_dict: dict, registry: modapt.Registry) -> modapt.Recipe:
+    """The recipe with every ``init`` option set to ``"identity"`` where the method accepts that value
+    (MAP's ``init = "paper"`` starts at β = 1, not at W0): only the defaults depend on it."""
     out = copy.deepcopy(recipe_dict)
 
-    def visit(entry):
-        if isinstance(entry, dict):
-            if entry.get("method") == "map" or "init" in entry and entry.get("init") == "paper":
-                entry["init"] = "identity"
-            for v in entry.values():
-                visit(v)
-        elif isinstance(entry, list):
-            for v in entry:
-                visit(v)
+    def entries(value):
+        if isinstance(value, dict):
+            if "init" in value:
+                yield value
+            for v in value.values():
+                yield from entries(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from entries(v)
 
-    visit(out)
-    return out
+    for entry in list(entries(out)):
+        before = entry["init"]
+        if before == "identity":
+            continue
+        entry["init"] = "identity"
+        try:
+            modapt.parse_recipe(out, registry)
+        except modapt.RecipeError:  # this method has no identity init by that name: keep its own
+            entry["init"] = before
+    return modapt.parse_recipe(out, registry)
 
 
 def read_adapter_set(model: nn.Module, directories: list, registry: modapt.Registry | None = None) -> AdapterSet:
@@ -145,7 +154,7 @@ def read_adapter_set(model: nn.Module, directories: list, registry: modapt.Regis
                               "the folders, rename one")
     sources = [read_adapter(d, registry) for d in directories]
     first = sources[0].recipe.to_dict()
-    recipe = modapt.parse_recipe(_identity_recipe(first), registry)
+    recipe = _identity_recipe(first, registry)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)  # the defaults' random halves (LoRA's A) are fixed: exports are reproducible
     try:
