@@ -20,6 +20,9 @@ override it per run.
 ‖W0‖ row norms, MAP's α = ‖W0‖_F, β = 0 with init="identity"), checked layer by layer against
 the base layer: the graph alone gives the base model's outputs, which the export verifies.
 
+``onnxruntime.AdapterFormat`` takes neither 0-dim nor bool tensors: MAP's scalar α, β are [1] inputs
+(reshaped to [] inside the graph), AdaLoRA's bool ``rank_pattern`` [r] is a float32 input (cast back).
+
 All adapters of one export must have the same recipe (methods, targets, ranks, options that enter
 the forward: LoRA's scaling α/r is a constant of the graph, not an input). A mismatch is refused
 naming the layer, or the recipe key.
@@ -211,10 +214,10 @@ def _check_identity(model: nn.Module, state) -> None:
         w = getattr(base, "weight", None)
         if w is None or w.dim() != 2 or not w.is_floating_point():
             continue
-        in_features = w.shape[1] if isinstance(base, nn.Linear) else w.shape[0]
-        x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype)
-        if isinstance(base, nn.Embedding):
+        if isinstance(base, nn.Embedding):  # integer inputs; LoRA's zero B covers it like a linear layer
             continue
+        in_features = w.shape[1] if isinstance(base, nn.Linear) else w.shape[0]  # GPT-2's Conv1D: [in, out]
+        x = torch.randn(3, in_features, generator=torch.Generator().manual_seed(0)).to(w.dtype)
         want, got = base(x), host(x)
         if not torch.allclose(want, got, rtol=1e-5, atol=1e-5 * float(want.abs().max())):
             raise AdapterSetError(f"layer '{path}': the recipe's initialisation is not the identity, so the graph's "

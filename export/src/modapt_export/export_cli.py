@@ -14,9 +14,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     onnx = sub.add_parser(
         "onnx", help="export to model.onnx for ONNX Runtime and verify it against PyTorch",
-        description="Load --base (and --adapter), fold weight adapters into the weights, export with "
-                    "torch.onnx.export(dynamo=True), verify ONNX Runtime against PyTorch and write OUT_DIR "
-                    "(model.onnx, config, tokenizer, modapt_export.json). A failed verification leaves no OUT_DIR.")
+        description="Load --base (and --adapter, a modapt or PEFT folder), fold weight adapters into the weights, "
+                    "export with torch.onnx.export(dynamo=True), verify ONNX Runtime against PyTorch and write OUT_DIR "
+                    "(model.onnx, config, tokenizer, modapt_export.json; causal LM: genai_config.json for ONNX "
+                    "Runtime GenAI). With --adapters-as-inputs the adapters stay unmerged as graph inputs and each "
+                    "is written to OUT_DIR/adapters/<name>.onnx_adapter. A failed verification leaves no OUT_DIR.")
     onnx.add_argument("--base", required=True, metavar="MODEL_DIR", help="transformers checkpoint directory")
     onnx.add_argument("--adapter", metavar="ADAPTER_DIR", action="append",
                       help="adapter folder, modapt (modapt.save) or PEFT; repeat it with --adapters-as-inputs")
