@@ -25,7 +25,7 @@ pytest.importorskip("onnxruntime")
 og = pytest.importorskip("onnxruntime_genai")
 
 from modapt_export import adapter_inputs  # noqa: E402
-from modapt_export.onnx_export import export_onnx, export_onnx_pretrained  # noqa: E402
+from modapt_export.onnx_export import export_onnx_pretrained  # noqa: E402
 from modapt_export.progress import Progress  # noqa: E402
 
 LORA = {"adapter": [{"method": "lora", "targets": ["q_proj", "v_proj", "down_proj"], "r": 4, "lora_alpha": 8}]}
