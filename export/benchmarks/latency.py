@@ -177,7 +177,8 @@ def ort_runner(ort: OrtModel, feeds, run_options=None):
 
 
 def time_ort(ort: OrtModel, feeds, device, warmup, repeats, run_options=None) -> dict:
-    return timed(ort_runner(ort, feeds, run_options), device, warmup, repeats)
+    runner = ort_runner(ort, feeds) if run_options is None else ort_runner(ort, feeds, run_options)
+    return timed(runner, device, warmup, repeats)
 
 
 def profile_ort(path: Path, feeds, device, runs: int, prefix: Path, threads: int | None) -> dict:
@@ -368,7 +369,9 @@ def main(argv=None) -> int:
             feeds = inputs(config, batch, seq, device, dtype)
             if eager is not None:
                 time_eager(eager, feeds, batch, seq)
-            times = timed_interleaved({v: ort_runner(ort, feeds, options_of(v)) for v, ort in sessions.items()},
+            # the adapter's RunOptions only where there is one (ort_runner's two-argument form otherwise)
+            times = timed_interleaved({v: ort_runner(ort, feeds, *[o for o in [options_of(v)] if o is not None])
+                                       for v, ort in sessions.items()},
                                       device, args.warmup, args.repeats)
             for variant, ort in sessions.items():
                 row = ort_row(variant, ort, batch, seq, {**summary(times[variant]), "runs": len(times[variant])})
