@@ -29,4 +29,7 @@ def test_quick_demo_runs_end_to_end(tmp_path):
                  "latency"):
         assert line in result.stdout
     assert (tmp_path / "demo" / "onnx" / "model.onnx").is_file()
+    if summary["genai"] is not None:  # onnxruntime-genai installed: the GenAI route ran from the folder
+        assert summary["genai"]["same_tokens_as_torch"] is True and "time per token" in result.stdout
+        assert (tmp_path / "demo" / "genai" / "genai_config.json").is_file()
     assert (tmp_path / "demo" / "best" / "adapter_model.safetensors").is_file()

@@ -57,7 +57,8 @@ def one_line(err: str) -> str:
 
 
 def merge_args(root: Path, out: Path | None = None) -> list[str]:
-    return ["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(out or root / "out")]
+    return ["merge", "--base", str(root / "base"), "--adapter", str(root / "adapter"), "--out", str(out or root / "out"),
+            "--quiet"]
 
 
 def no_output(root: Path) -> bool:

@@ -166,7 +166,7 @@ def test_overwrite_never_targets_an_input(root, where, capsys):
         out.symlink_to(work)
     before = {p: p.read_bytes() for p in list(work.rglob("*")) + list((root / "base").iterdir()) if p.is_file()}
     code = modapt.cli.main(["merge", "--base", str(work / "base"), "--adapter", str(work / "adapter"),
-                            "--out", str(out), "--overwrite"])
+                            "--out", str(out), "--overwrite", "--quiet"])
     err = capsys.readouterr().err
     assert code == 1, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -216,7 +216,7 @@ def test_evil_regex_in_a_saved_recipe_is_refused_not_run(root, capsys):
     with pytest.raises(modapt.ModaptError, match="nested quantifiers"):
         modapt.load(tiny_llama(), root / "evil")
     code = modapt.cli.main(["merge", "--base", str(root / "base"), "--adapter", str(root / "evil"),
-                            "--out", str(root / "out")])
+                            "--out", str(root / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and "nested quantifiers" in err and len(err.strip().splitlines()) == 1
 
@@ -230,7 +230,7 @@ def test_peft_rank_pattern_key_that_is_no_safe_regex_is_one_line(root, capsys, k
     save_peft(model, root / "peft")
     _edit_json(root / "peft" / "adapter_config.json", lambda c: c.update(rank_pattern={key: 2}))
     code = modapt.cli.main(["merge", "--base", str(root / "base"), "--adapter", str(root / "peft"),
-                            "--out", str(root / "out")])
+                            "--out", str(root / "out"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and f"PEFT pattern key {key!r}" in err and words in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "re.error" not in err

@@ -6,7 +6,10 @@ A random LLaMA-shaped causal LM (``--size tiny`` or ``smollm2-135m``: hidden 576
 
 - ``base``: the model as built;
 - ``merged``: LoRA r=16 on every linear layer, B randomised, folded into the weights by the export;
-- ``lmam``: LMAM on every attention module (when ``modapt_lmam`` is installed).
+- ``lmam``: LMAM on every attention module (when ``modapt_lmam`` is installed);
+- ``inputs``: the same LoRA as ``merged`` saved as an adapter folder and exported with
+  ``--adapters-as-inputs`` (base graph + ``adapters/lora.onnx_adapter``), timed with that adapter
+  active (``onnxruntime.LoraAdapter`` + ``RunOptions.add_active_adapter``).
 
 Each graph is timed on a prefill of ``batch × seq`` tokens (empty past) with whatever provider
 ONNX Runtime offers: on CUDA with IO binding (inputs and outputs stay on the GPU) in fp16, on
@@ -17,7 +20,8 @@ CPU in fp32. PyTorch eager runs the base model on the same inputs (same wrapper,
 
 Prints a markdown table; ``--json FILE`` writes the figures. ``--interleave`` times the graphs in
 rounds (one run each, order rotated) and gives each its paired per-round ratio to the base, which
-drift between timing blocks (±5 % on a GPU) does not affect.
+drift between timing blocks (±5 % on a GPU) does not affect; ``--ratio-to merged`` takes the
+ratios against another graph (the adapters-as-inputs cost: ``--variants merged inputs --ratio-to merged``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 
 import modapt
 from modapt_export import OrtModel, export_onnx
+from modapt_export import adapter_inputs
 from modapt_export.onnx_io import CausalLMWithCache, cache_geometry
 from modapt_export.ort_model import node_times
 
@@ -58,7 +63,7 @@ def adapt(model, variant: str, seed: int = 1):
     """Apply the variant's adapter and give every trainable tensor noise (so nothing is an identity)."""
     if variant == "base":
         return model
-    if variant == "merged":
+    if variant in ("merged", "inputs"):
         recipe = {"adapter": [{"method": "lora", "targets": "all-linear", "r": 16}]}
     else:
         recipe = {"adapter": [{"method": "lmam", "r": 2, "n": 128, "init": "random"}]}
@@ -152,26 +157,28 @@ def time_torch(model, feeds, device, warmup, repeats) -> dict:
     return out
 
 
-def ort_runner(ort: OrtModel, feeds):
-    """One run of ``ort`` on ``feeds``: on CUDA through IO binding, on CPU from numpy."""
+def ort_runner(ort: OrtModel, feeds, run_options=None):
+    """One run of ``ort`` on ``feeds``: on CUDA through IO binding, on CPU from numpy.
+    ``run_options`` carries an active adapter (the ``inputs`` variant)."""
     if ort.on_cuda:
         # IO binding: inputs bound where they live (GPU), outputs allocated by ORT on the GPU
         cuda_feeds = {k: v.to("cuda") for k, v in feeds.items()}
         io = ort.bind(cuda_feeds)  # bound once; each run writes fresh outputs on the GPU
 
         def run():
-            ort.run_binding(io)
+            ort.run_binding(io, run_options)
     else:
         host = {k: v.cpu().numpy() for k, v in feeds.items()}
 
         def run():
-            ort.session.run(None, host)
+            ort.session.run(None, host, run_options)
 
     return run
 
 
-def time_ort(ort: OrtModel, feeds, device, warmup, repeats) -> dict:
-    return timed(ort_runner(ort, feeds), device, warmup, repeats)
+def time_ort(ort: OrtModel, feeds, device, warmup, repeats, run_options=None) -> dict:
+    runner = ort_runner(ort, feeds) if run_options is None else ort_runner(ort, feeds, run_options)
+    return timed(runner, device, warmup, repeats)
 
 
 def profile_ort(path: Path, feeds, device, runs: int, prefix: Path, threads: int | None) -> dict:
@@ -220,7 +227,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--shapes", nargs="+", default=["1x64", "8x512"], help="BATCHxSEQ prefill shapes")
-    parser.add_argument("--variants", nargs="+", default=["base", "merged", "lmam"], choices=["base", "merged", "lmam"])
+    parser.add_argument("--variants", nargs="+", default=["base", "merged", "lmam"],
+                        choices=["base", "merged", "lmam", "inputs"])
+    parser.add_argument("--ratio-to", default="base", help="with --interleave: the graph the paired ratios are to")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where PyTorch runs and the export is traced (auto: cuda when available)")
     parser.add_argument("--dtype", choices=["auto", "float32", "float16"], default="auto",
@@ -282,16 +291,30 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         if args.reuse and (out / "modapt_export.json").is_file():
             manifest = json.loads((out / "modapt_export.json").read_text())
+        elif variant == "inputs":  # the LoRA saved as a folder, then exported as graph inputs of the base
+            modapt.save(model, workdir / "lora")
+            model = build_model(args.size, device, dtype)
+            adapters = adapter_inputs.read_adapter_set(model, [workdir / "lora"])
+            manifest = export_onnx(model, out, "causal-lm", overwrite=True, tolerance=args.tolerance,
+                                   adapters=adapters)
         else:
             manifest = export_onnx(model, out, "causal-lm", overwrite=True, tolerance=args.tolerance)
         seconds = manifest.get("export_seconds", round(time.perf_counter() - start, 1))
         meta["exports"][variant] = {"seconds": seconds, "nodes": manifest["nodes"],
                                     "max_abs_error": manifest["verification"]["max_abs_error"],
                                     "verified_on": manifest["verification"]["provider"]}
+        if variant == "inputs":
+            options, keep = adapter_inputs.run_options_for(out / "adapters" / f"lora{adapter_inputs.ADAPTER_SUFFIX}")
+            run_options[variant] = (options, keep)
         print(f"exported {variant}: {manifest['nodes']} nodes, {meta['exports'][variant]['seconds']} s, "
               f"max abs error {manifest['verification']['max_abs_error']:.3g} on {manifest['verification']['provider']}",
               flush=True)
         return model, out
+
+    run_options: dict = {}  # variant -> (RunOptions with its adapter active, the LoraAdapter kept alive)
+
+    def options_of(variant: str):
+        return run_options.get(variant, (None, None))[0]
 
     def ort_row(variant: str, ort: OrtModel, batch: int, seq: int, t: dict) -> dict:
         return {"graph": f"ORT {variant}", "provider": ort.provider + (" + IO binding" if ort.on_cuda else ""),
@@ -319,7 +342,8 @@ def main(argv=None) -> int:
                 feeds = inputs(model.config, batch, seq, device, dtype)
                 if variant == "base":
                     time_eager(model, feeds, batch, seq)
-                rows.append(ort_row(variant, ort, batch, seq, time_ort(ort, feeds, device, args.warmup, args.repeats)))
+                rows.append(ort_row(variant, ort, batch, seq, time_ort(ort, feeds, device, args.warmup, args.repeats,
+                                                                       options_of(variant))))
                 print(rows[-1], flush=True)
                 if args.profile:
                     profile(variant, out, feeds, batch, seq)
@@ -328,8 +352,8 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     else:
         # every graph exported and its session open first; only the base model is kept (for eager)
-        if "base" not in variants:
-            print("--interleave without the base variant: no ratios to base")
+        if args.ratio_to not in variants:
+            print(f"--interleave without the {args.ratio_to} variant: no ratios")
         sessions, outs, eager, config = {}, {}, None, None
         for variant in variants:
             model, outs[variant] = export(variant)
@@ -345,12 +369,14 @@ def main(argv=None) -> int:
             feeds = inputs(config, batch, seq, device, dtype)
             if eager is not None:
                 time_eager(eager, feeds, batch, seq)
-            times = timed_interleaved({v: ort_runner(ort, feeds) for v, ort in sessions.items()},
+            # the adapter's RunOptions only where there is one (ort_runner's two-argument form otherwise)
+            times = timed_interleaved({v: ort_runner(ort, feeds, *[o for o in [options_of(v)] if o is not None])
+                                       for v, ort in sessions.items()},
                                       device, args.warmup, args.repeats)
             for variant, ort in sessions.items():
                 row = ort_row(variant, ort, batch, seq, {**summary(times[variant]), "runs": len(times[variant])})
-                if variant != "base" and "base" in times:
-                    row.update(paired_ratios(times[variant], times["base"]))
+                if variant != args.ratio_to and args.ratio_to in times:
+                    row.update(paired_ratios(times[variant], times[args.ratio_to]))
                 rows.append(row)
                 print(row, flush=True)
             if args.profile:
@@ -363,7 +389,7 @@ def main(argv=None) -> int:
           + (", ONNX Runtime graphs interleaved (one run each per round, order rotated)" if args.interleave else "")
           + "\n")
     paired = any("ratio_to_base" in r for r in rows)
-    print("| graph | provider | batch × seq | median ms | p90 ms |" + (" × base (paired) |" if paired else ""))
+    print("| graph | provider | batch × seq | median ms | p90 ms |" + (f" × {args.ratio_to} (paired) |" if paired else ""))
     print("|---|---|---|---|---|" + ("---|" if paired else ""))
     for r in rows:
         line = f"| {r['graph']} | {r['provider']} | {r['batch']} × {r['seq']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} |"
@@ -371,7 +397,7 @@ def main(argv=None) -> int:
             if "ratio_to_base" in r:
                 line += f" {r['ratio_to_base']:.3f} ({r['ratio_p10']:.3f}–{r['ratio_p90']:.3f}) |"
             else:
-                line += " 1.000 |" if r["graph"] == "ORT base" else " |"
+                line += " 1.000 |" if r["graph"] == f"ORT {args.ratio_to}" else " |"
         print(line)
     print("\n| export | nodes | seconds | max abs error (verification) |")
     print("|---|---|---|---|")

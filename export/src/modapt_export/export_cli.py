@@ -63,8 +63,8 @@ def check_paths(args) -> None:
     base, out = Path(args.base), Path(args.out)
     if not base.is_dir():
         raise ModaptError(f"--base {base}: not a transformers checkpoint directory (no such folder)")
-    if args.adapter is not None:
-        adapter = Path(args.adapter)
+    adapters = [Path(a) for a in args.adapter or []]  # --adapter repeats (with --adapters-as-inputs)
+    for adapter in adapters:
         if not adapter.is_dir():
             raise ModaptError(f"--adapter {adapter}: not a folder")
         if not (adapter / "adapter_config.json").is_file():
@@ -73,7 +73,7 @@ def check_paths(args) -> None:
         raise ModaptError(f"--out {out} exists and is not a folder; choose a folder name")
     from .merge import refuse_overlap
 
-    refuse_overlap(out, {"base": base, **({"adapter": Path(args.adapter)} if args.adapter else {})})
+    refuse_overlap(out, {"base": base, **{f"adapter {a}": a for a in adapters}})
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -81,11 +81,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub.required = True
     onnx = sub.add_parser(
         "onnx", help="export to model.onnx for ONNX Runtime and verify it against PyTorch",
-        description="Load --base (and --adapter), fold weight adapters into the weights, export with "
-                    "torch.onnx.export(dynamo=True), verify ONNX Runtime against PyTorch and write OUT_DIR "
-                    "(model.onnx, config, tokenizer, modapt_export.json). A failed verification leaves no OUT_DIR.")
+        description="Load --base (and --adapter, a modapt or PEFT folder), fold weight adapters into the weights, "
+                    "export with torch.onnx.export(dynamo=True), verify ONNX Runtime against PyTorch and write OUT_DIR "
+                    "(model.onnx, config, tokenizer, modapt_export.json; causal LM: genai_config.json for ONNX "
+                    "Runtime GenAI). With --adapters-as-inputs the adapters stay unmerged as graph inputs and each "
+                    "is written to OUT_DIR/adapters/<name>.onnx_adapter. A failed verification leaves no OUT_DIR.")
     onnx.add_argument("--base", required=True, metavar="MODEL_DIR", help="transformers checkpoint directory")
-    onnx.add_argument("--adapter", metavar="ADAPTER_DIR", help="modapt adapter directory (modapt.save)")
+    onnx.add_argument("--adapter", metavar="ADAPTER_DIR", action="append",
+                      help="adapter folder, modapt (modapt.save) or PEFT; repeat it with --adapters-as-inputs")
+    onnx.add_argument("--adapters-as-inputs", action="store_true",
+                      help="write the base graph once with the adapters' tensors as graph inputs (default: no adapter) "
+                           "and one adapters/<name>.onnx_adapter per --adapter, switchable per request")
+    onnx.add_argument("--quiet", action="store_true", help="no stage reports on stderr")
     onnx.add_argument("--out", required=True, metavar="OUT_DIR", help="export directory to create")
     onnx.add_argument("--task", required=True, choices=TASKS)
     onnx.add_argument("--dtype", choices=DTYPES, default="auto",
@@ -107,13 +114,22 @@ def run_onnx(args) -> int:
 
     from .onnx_export import export_onnx_pretrained
 
+    from .progress import Progress
+
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     manifest = export_onnx_pretrained(
         args.base, args.out, args.task, adapter=args.adapter, dtype=dtype, device=args.device,
+        adapters_as_inputs=args.adapters_as_inputs, progress=Progress(quiet=args.quiet),
         opset=args.opset, optimize=not args.no_optimize, tolerance=args.tolerance, overwrite=args.overwrite)
     v = manifest["verification"]
     print(f"wrote {manifest['path']}/model.onnx ({manifest['task']}, opset {manifest['opset']}, "
           f"{manifest['nodes']} nodes) in {manifest['export_seconds']:.1f} s")
     print(f"verified on {v['provider']}: max abs error {v['max_abs_error']:.3g}, max rel error "
           f"{v['max_rel_error']:.3g} (tolerance {v['tolerance']:g}, {len(v['cases'])} cases)")
+    for name, rel in manifest.get("adapter_files", {}).items():
+        a = v["adapters"][name]
+        print(f"adapter {name}: {manifest['path']}/{rel}, verified through LoraAdapter: max abs error "
+              f"{a['max_abs_error']:.3g}")
+    if manifest.get("genai_check"):
+        print(f"onnxruntime-genai greedy generation equals generate ({manifest['genai_check']['new_tokens']} tokens)")
     return 0

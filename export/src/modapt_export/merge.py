@@ -51,6 +51,7 @@ from modapt.recipe import AdapterSpec, Recipe, parse_recipe
 from modapt.registry import Registry, default_registry
 from torch import nn
 
+from .progress import SILENT, Progress
 from .shards import INDEX_NAME, PICKLE_WEIGHTS, Checkpoint, CheckpointError, TensorEntry, write_shard
 
 WEIGHT_FAMILIES = ("update", "reparam")
@@ -245,7 +246,8 @@ def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool) -> torch
 
 def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                      safe: bool = True, overwrite: bool = False, verify_base: bool = True,
-                     registry: Registry | None = None, dtype: torch.dtype | None = None) -> Path:
+                     registry: Registry | None = None, dtype: torch.dtype | None = None,
+                     progress: Progress = SILENT) -> Path:
     """Fold the adapter in ``adapter_dir`` into the checkpoint ``base_dir``; write ``out_dir``.
 
     base_dir: a transformers folder with ``config.json`` and ``model.safetensors`` or shards
@@ -253,6 +255,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     adapter_dir: a modapt adapter (``modapt.save``) or a PEFT adapter folder.
     safe: refuse a merged tensor with NaN or Inf (on by default).
     verify_base: check the base fingerprint recorded in a modapt adapter against the shards.
+    progress: stage reports (``modapt merge`` prints them on stderr); silent by default.
 
     Returns ``out_dir``. The output has the same shard files and index, the merged tensors in
     their original dtype and layout, every other tensor byte for byte, and the other files of
@@ -276,6 +279,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     if dtype is not None:
         raise MergeError(f"{base_dir} is not quantized: the merged tensors keep the checkpoint's dtype "
                          "(--dtype applies to quantized bases)")
+    progress.note(f"reading {base_dir} and {adapter_dir}")
     ckpt = Checkpoint.open(base_dir)
     source = read_adapter(adapter_dir, registry)
     check_mergeable(source.recipe, registry)
@@ -316,7 +320,8 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
             touched[name] = (lambda n=name, t=tensor, e=entry: saved_tensor(n, t, e, safe))
 
     if verify_base and source.fingerprint is not None:
-        _verify_fingerprint(source, plans, get)
+        with progress.stage("verification of the base fingerprint"):
+            _verify_fingerprint(source, plans, get)
 
     untie = _untie_plan(model, base_dir, ckpt, touched, groups)
     by_file: dict[str, dict] = {name: {} for name in ckpt.files}
@@ -334,7 +339,8 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     # the PID in the name tells the next run whether the writer is dead (see clean_stale)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{os.getpid()}.", suffix=".partial", dir=out_dir.parent))
     try:
-        for name in ckpt.files:
+        for i, name in enumerate(ckpt.files, 1):
+            progress.step("shard", i, len(ckpt.files), f"{name} ({len(by_file[name])} merged tensors)")
             write_shard(base_dir / name, ckpt.headers[name], tmp / name, by_file[name], additions[name])
             _boundary(f"shard:{name}")
         if ckpt.index is not None:
@@ -349,6 +355,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
         _copy_side_files(base_dir, tmp, untie)
         _boundary("side-files")
         _commit(tmp, out_dir, overwrite)
+        progress.note(f"saved {out_dir}")
     except BaseException:
         _remove(tmp)
         raise

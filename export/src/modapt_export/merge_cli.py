@@ -18,6 +18,7 @@ def configure(parser):
                         help="skip the base fingerprint check (a base in another dtype than the adapter was trained on)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                         help="dtype of the merged weights of a base saved quantized (default: its compute dtype)")
+    parser.add_argument("--quiet", action="store_true", help="no stage reports on stderr")
     parser.set_defaults(run=run)
 
 
@@ -32,9 +33,10 @@ def run(args) -> int:
         if not Path(value).is_dir():
             raise ModaptError(f"{option} {value}: not a folder")
     from .merge import merge_checkpoint
+    from .progress import Progress
 
     out = merge_checkpoint(args.base, args.adapter, args.out, safe=not args.unsafe, overwrite=args.overwrite,
                            verify_base=not args.no_verify_base,
-                           dtype=getattr(torch, args.dtype) if args.dtype else None)
+                           dtype=getattr(torch, args.dtype) if args.dtype else None, progress=Progress(quiet=args.quiet))
     print(f"merged {args.adapter} into {args.base}: {out}", file=sys.stderr)
     return 0

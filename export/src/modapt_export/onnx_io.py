@@ -70,6 +70,13 @@ class EncoderWrapper(nn.Module):
         return getattr(out, self.output)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which ``model.forward`` takes its KV cache: ``cache`` (transformers ≥ 5.25)
+    or the deprecated ``past_key_values``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class CausalLMWithCache(nn.Module):
     """``(input_ids, attention_mask, position_ids, *past)`` -> ``(logits, *present)``.
 
@@ -82,6 +89,7 @@ class CausalLMWithCache(nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = cache_geometry(model.config).num_layers
+        self.cache_arg = cache_argument(model)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
@@ -89,10 +97,13 @@ class CausalLMWithCache(nn.Module):
         cache = DynamicCache(config=self.model.config)
         for i in range(self.num_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
+        # transformers >= 5.25 names the cache ``cache`` and warns on ``past_key_values`` (removed in
+        # 5.40); older releases only know ``past_key_values``: pick by the signature, not by version
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=True)
+                         use_cache=True, **{self.cache_arg: cache})
+        returned = out["cache"] if self.cache_arg == "cache" else out["past_key_values"]
         present = []
-        for layer in out.past_key_values.layers[: self.num_layers]:
+        for layer in returned.layers[: self.num_layers]:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 

@@ -61,14 +61,17 @@ def reference_outputs(model: torch.nn.Module, task: str, config, dtype: torch.dt
     return refs
 
 
-def verify(references: list, ort_model, task: str, dtype: torch.dtype, tolerance: float | None = None) -> dict:
+def verify(references: list, ort_model, task: str, dtype: torch.dtype, tolerance: float | None = None,
+           run_options=None, label: str = "") -> dict:
     """Compare ``ort_model`` (an :class:`OrtModel`) with ``references`` (from
     :func:`reference_outputs`) on real-token positions. Returns the report; raises
-    :class:`VerificationError` when an error exceeds the tolerance or is not finite."""
+    :class:`VerificationError` when an error exceeds the tolerance or is not finite. ``run_options``
+    (``onnxruntime.RunOptions``) activates an adapter; ``label`` names it in the error."""
     tolerance = TOLERANCE.get(dtype, 1e-4) if tolerance is None else tolerance
     results, worst_abs, worst_rel = [], 0.0, 0.0
     for (batch, seq, past, padding), feeds, ref in references:
-        got = ort_model.run_torch(feeds if ort_model.on_cuda else {k: v.cpu() for k, v in feeds.items()})
+        got = ort_model.run_torch(feeds if ort_model.on_cuda else {k: v.cpu() for k, v in feeds.items()},
+                                  run_options=run_options)
         cpu_feeds = {k: v.cpu() for k, v in feeds.items()}
         case_abs, case_rel = 0.0, 0.0
         for name, r in zip(ort_model.output_names, ref):
@@ -88,7 +91,7 @@ def verify(references: list, ort_model, task: str, dtype: torch.dtype, tolerance
     if not report["passed"]:
         bad = [c for c in results if not c["max_abs_error"] <= tolerance]
         raise VerificationError(
-            f"ONNX Runtime ({ort_model.provider}) differs from PyTorch: max abs error {worst_abs:.3g} "
+            f"ONNX Runtime ({ort_model.provider}){label} differs from PyTorch: max abs error {worst_abs:.3g} "
             f"(max rel {worst_rel:.3g}) > tolerance {tolerance:g}; failing cases (batch, seq, past, padding): "
             + ", ".join(f"({c['batch']}, {c['seq']}, {c['past']}, {c['padding']}): {c['max_abs_error']:.3g}" for c in bad),
             report)

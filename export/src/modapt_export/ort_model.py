@@ -79,7 +79,11 @@ class OrtModel:
         self.provider = self.session.get_providers()[0]
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._input_types = {i.name: _ORT_TO_NUMPY.get(i.type) for i in self.session.get_inputs()}
+        # initializers that are also graph inputs (adapter tensors of an --adapters-as-inputs export):
+        # optional inputs with defaults, fed directly or through an active LoraAdapter
+        self.optional_input_names = [i.name for i in self.session.get_overridable_initializers()]
+        self._input_types = {i.name: _ORT_TO_NUMPY.get(i.type)
+                             for i in [*self.session.get_inputs(), *self.session.get_overridable_initializers()]}
         self.on_cuda = self.provider == "CUDAExecutionProvider"
         log.info("OrtModel %s runs on %s (session providers: %s)", self.path, self.provider,
                  ", ".join(self.session.get_providers()))
@@ -90,19 +94,20 @@ class OrtModel:
 
     def _check_inputs(self, names) -> None:
         missing = [n for n in self.input_names if n not in names]
-        extra = [n for n in names if n not in self.input_names]
+        extra = [n for n in names if n not in self.input_names and n not in self.optional_input_names]
         if missing or extra:
             raise modapt.ModaptError(f"inputs of {self.path.name}: missing {missing}, unexpected {extra}; "
                                      f"the graph takes {self.input_names}")
 
-    def run(self, inputs: Mapping[str, np.ndarray | torch.Tensor], output_names: Sequence[str] | None = None
-            ) -> dict[str, np.ndarray]:
-        """Host path: numpy (or CPU torch) in, numpy out, ``{output name: array}``."""
+    def run(self, inputs: Mapping[str, np.ndarray | torch.Tensor], output_names: Sequence[str] | None = None,
+            run_options=None) -> dict[str, np.ndarray]:
+        """Host path: numpy (or CPU torch) in, numpy out, ``{output name: array}``. ``run_options``
+        (an ``onnxruntime.RunOptions``) carries active adapters (``add_active_adapter``)."""
         self._check_inputs(inputs)
         feeds = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in inputs.items()}
         feeds = {k: v.astype(self._input_types[k], copy=False) if self._input_types.get(k) else v for k, v in feeds.items()}
         names = list(output_names or self.output_names)
-        return dict(zip(names, self.session.run(names, feeds)))
+        return dict(zip(names, self.session.run(names, feeds, run_options)))
 
     def bind(self, inputs: Mapping[str, torch.Tensor], output_names: Sequence[str] | None = None):
         """IO binding over torch tensors: inputs are read where they live (no copy; CUDA tensors
@@ -128,18 +133,18 @@ class OrtModel:
         io.modapt_keepalive = keep  # the bound buffers must outlive the run
         return io
 
-    def run_binding(self, io) -> None:
-        self.session.run_with_iobinding(io)
+    def run_binding(self, io, run_options=None) -> None:
+        self.session.run_with_iobinding(io, run_options)
 
-    def run_torch(self, inputs: Mapping[str, torch.Tensor], output_names: Sequence[str] | None = None
-                  ) -> dict[str, torch.Tensor]:
+    def run_torch(self, inputs: Mapping[str, torch.Tensor], output_names: Sequence[str] | None = None,
+                  run_options=None) -> dict[str, torch.Tensor]:
         """Torch in, torch out. On CUDA: IO binding, outputs stay on the GPU (DLPack, no copy).
         On CPU: the numpy path (zero-copy where dtypes match)."""
         names = list(output_names or self.output_names)
         if not self.on_cuda:
-            return {k: torch.from_numpy(v) for k, v in self.run(inputs, names).items()}
+            return {k: torch.from_numpy(v) for k, v in self.run(inputs, names, run_options).items()}
         io = self.bind(inputs, names)
-        self.run_binding(io)
+        self.run_binding(io, run_options)
         return dict(zip(names, (_ortvalue_to_torch(v) for v in io.get_outputs())))
 
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
