@@ -84,7 +84,7 @@ def read_adapter(directory: str | os.PathLike, registry: Registry | None = None)
             raw = json.loads(config_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise modapt.AdapterLoadError(f"{config_path}: not valid JSON: {exc}") from None
-        if isinstance(raw, dict) and "peft_type" in raw:
+        if isinstance(raw, dict) and "peft_type" in raw and raw.get("format") != persistence.FORMAT:
             from .peft_format import read_peft_adapter
 
             recipe, tensors = read_peft_adapter(directory, registry)

@@ -43,6 +43,8 @@ from torch import nn
 import modapt
 from modapt import AdapterLoadError
 from modapt.registry import Registry, default_registry
+from modapt.persistence import full_tensor
+from modapt.untrusted import UntrustedFileError, read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -116,7 +118,12 @@ def read_peft_adapter(directory: str | os.PathLike, registry: Registry | None = 
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise PeftFormatError(f"{directory}: no {CONFIG_NAME}")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = read_json(config_path)
+    except UntrustedFileError as exc:
+        raise PeftFormatError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{config_path}: expected a JSON object")
     peft_type = config.get("peft_type")
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -300,8 +307,28 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, registry: Regis
 
     Every adapted layer must use methods that declare a PEFT format, all of one PEFT type
     (PEFT keeps one config per adapter); per-layer ranks and alphas go to PEFT's patterns.
+    The folder is replaced atomically, as ``modapt.save`` does; it holds PEFT's two files only.
     """
-    from safetensors.torch import save_file
+    from modapt.atomic_folder import replace_folder
+
+    config, blob = peft_payload(model, registry=registry)
+
+    def write(folder: Path) -> list[str]:
+        (folder / WEIGHTS_NAME).write_bytes(blob)
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return [WEIGHTS_NAME, CONFIG_NAME]
+
+    return replace_folder(directory, write, owned=(CONFIG_NAME, WEIGHTS_NAME, "modapt_adapter.json",
+                                                   "modapt_adapter.safetensors"))
+
+
+def peft_payload(model: nn.Module, *, registry: Registry | None = None) -> tuple[dict[str, Any], bytes]:
+    """(PEFT ``adapter_config.json`` dict, ``adapter_model.safetensors`` bytes) for the model's adapter.
+
+    Raises :class:`PeftFormatError` when PEFT cannot express it (a method without a PEFT
+    format, attachments, mixed PEFT types, per-layer values PEFT keeps once).
+    """
+    from safetensors.torch import save
 
     registry = registry or default_registry()
     state = modapt.state_of(model)
@@ -364,12 +391,9 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, registry: Regis
     config = _peft_config(peft_type, selectors, per_layer, decls, state, kinds, model)
     if rank_pattern:
         config["rank_pattern"] = rank_pattern
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-              directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return directory
+    blob = save({k: full_tensor(v).detach().to("cpu").contiguous().clone()
+                 for k, v in tensors.items()}, metadata={"format": "pt"})
+    return config, blob
 
 
 def _peft_config(peft_type, selectors, per_layer, decls, state, kinds, model) -> dict[str, Any]:
