@@ -75,7 +75,7 @@ def parse_json(text: str | bytes, source: str, *, max_bytes: int = MAX_JSON_BYTE
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise UntrustedFileError(f"{source}: not UTF-8 text: {exc}") from None
+            raise UntrustedFileError(f"{source}: not valid JSON (not UTF-8 text: {exc})") from None
     if _bracket_depth(text) > max_depth:
         raise UntrustedFileError(f"{source}: JSON nested deeper than {max_depth} levels")
     try:
