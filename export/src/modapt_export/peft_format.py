@@ -423,3 +423,56 @@ def _peft_config(peft_type, selectors, per_layer, decls, state, kinds, model) ->
     if state.modules_to_save:
         config["modules_to_save"] = list(state.modules_to_save)
     return config
+
+
+# --------------------------------------------------------------------------------- converting
+def convert_to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_dir: str | os.PathLike |
+                    None = None, overwrite: bool = False, registry: Registry | None = None) -> Path:
+    """Write the modapt adapter folder ``adapter_dir`` (any format version) as a PEFT folder ``out_dir``.
+
+    The base is never loaded: its skeleton is built on the ``meta`` device from ``base_dir``
+    (default: the ``base_model.name_or_path`` the adapter recorded, when it is a local folder)
+    to learn each layer's kind, and the adapter's tensors are placed into it as they are.
+    """
+    from modapt import persistence
+    from modapt.recipe import parse_recipe
+
+    from .merge import skeleton
+
+    registry = registry or default_registry()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise PeftFormatError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    adapter_dir = Path(adapter_dir)
+    config = persistence.read_config(adapter_dir)
+    base = base_dir or (config.get("base_model") or {}).get("name_or_path") or ""
+    if not base or not (Path(base) / "config.json").is_file():
+        raise PeftFormatError(f"{adapter_dir}: the base it records ({base or 'none'!s}) is not a local model folder; "
+                              "pass --base MODEL_DIR (its config.json is read, never its weights)")
+    if Path(out_dir).resolve() in (adapter_dir.resolve(), Path(base).resolve()):
+        raise PeftFormatError(f"{out_dir}: is the adapter or the base folder itself; choose another --out")
+    try:
+        recipe = parse_recipe(config["recipe"], registry)
+    except modapt.ModaptError as exc:
+        raise PeftFormatError(f"{adapter_dir}: the saved recipe cannot be used here: {exc}") from None
+    tensors = persistence.read_tensors(adapter_dir, config)
+    model = skeleton(base)
+    model.config._name_or_path = str(base)
+    modapt.apply(model, recipe, registry=registry)
+    targets = modapt.adapter_state_dict(model)
+    missing = sorted(set(targets) - set(tensors))
+    if missing:
+        raise PeftFormatError(f"{adapter_dir}: tensor '{missing[0]}' is missing")
+    model.load_state_dict({k: tensors[k] for k in targets}, strict=False, assign=True)
+    payload = peft_payload(model, registry=registry)
+
+    def write(folder: Path) -> list[str]:
+        peft_config, blob = payload
+        (folder / WEIGHTS_NAME).write_bytes(blob)
+        (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return [WEIGHTS_NAME, CONFIG_NAME]
+
+    from modapt.atomic_folder import replace_folder
+
+    return replace_folder(out_dir, write, owned=(CONFIG_NAME, WEIGHTS_NAME, "modapt_adapter.json",
+                                                 "modapt_adapter.safetensors"))
