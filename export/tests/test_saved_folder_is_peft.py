@@ -136,9 +136,11 @@ def test_export_peft_command_converts_a_format_1_folder(registry, base_dir, tmp_
     """``modapt export peft`` on a folder saved by the previous release (core/tests/fixtures)."""
     from pathlib import Path
 
+    import modapt_export.plugin
     from modapt.cli import main
     from peft import PeftModel
 
+    registry.register_plugin(modapt_export.plugin, "export", "modapt-export")
     fixture = Path(modapt.__file__).parents[2] / "tests" / "fixtures" / "format1_lora_r2"
     code = main(["export", "peft", "--adapter", str(fixture), "--out", str(tmp_path / "peft"),
                  "--base", str(base_dir)])
@@ -147,6 +149,7 @@ def test_export_peft_command_converts_a_format_1_folder(registry, base_dir, tmp_
     theirs = PeftModel.from_pretrained(base(base_dir), tmp_path / "peft").eval()
     torch.testing.assert_close(logits(theirs), expected, atol=1e-5, rtol=0)
     # an existing output is refused without --overwrite, in one line
+    capsys.readouterr()
     assert main(["export", "peft", "--adapter", str(fixture), "--out", str(tmp_path / "peft"),
                  "--base", str(base_dir)]) == 1
     err = capsys.readouterr().err.strip()
