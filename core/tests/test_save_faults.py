@@ -306,3 +306,14 @@ def test_a_folder_saved_by_the_previous_release_loads(tmp_path):
     torch.testing.assert_close(model(**inputs).logits, reference(**inputs).logits, atol=1e-5, rtol=0)
     assert (FIXTURE / "adapter_config.json").stat().st_size + (FIXTURE / "adapter_model.safetensors").stat().st_size \
         < 100_000
+
+
+def test_a_deeply_nested_json_recipe_is_one_line(tmp_path):
+    from modapt.errors import RecipeError
+    from modapt.recipe import read_recipe_file
+
+    path = tmp_path / "deep.json"
+    path.write_text('{"adapter": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(RecipeError, match="nested deeper than 64 levels") as info:
+        read_recipe_file(path)
+    assert "\n" not in str(info.value)

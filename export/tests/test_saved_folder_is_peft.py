@@ -154,3 +154,19 @@ def test_export_peft_command_converts_a_format_1_folder(registry, base_dir, tmp_
                  "--base", str(base_dir)]) == 1
     err = capsys.readouterr().err.strip()
     assert "already exists" in err and "\n" not in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("entry, match", [
+    ({"dtype": "F32", "shape": [-2, 4], "data_offsets": [0, 32]}, "not integers >= 0"),
+    ({"dtype": "F32", "shape": ["2", 4], "data_offsets": [0, 32]}, "not integers >= 0"),
+    ("[" * 10_000 + "]" * 10_000, "nested deeper"),
+], ids=["negative-shape", "string-shape", "deep"])
+def test_a_hostile_base_shard_header_is_one_line(tmp_path, entry, match):
+    from modapt_export.shards import CheckpointError, read_header
+
+    text = ('{"w": ' + entry + "}") if isinstance(entry, str) else json.dumps({"w": entry})
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text.encode() + bytes(32))
+    with pytest.raises(CheckpointError, match=match) as info:
+        read_header(path)
+    assert "\n" not in str(info.value)
