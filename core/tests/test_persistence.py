@@ -173,5 +173,5 @@ def test_save_replaces_atomically(saved):
     assert (path / "modapt_adapter.safetensors").read_bytes() != before
     assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                       "modapt_adapter.safetensors"]
-    # the swap leaves only the lock file beside the folder, no temporary copies
-    assert sorted(p.name for p in path.parent.iterdir()) == [".adapter.lock", "adapter"]
+    # the swap leaves nothing beside the folder: no lock file, no temporary copies
+    assert sorted(p.name for p in path.parent.iterdir()) == ["adapter"]

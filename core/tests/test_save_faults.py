@@ -112,7 +112,7 @@ def test_a_save_killed_at_every_rename_leaves_the_old_or_the_new_adapter(tmp_pat
     # the next save clears what the killed savers left beside the folder
     modapt.save(fill(model, 3.0), out)
     assert loaded_value(out) == 3.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.lock", "adapter"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_a_first_save_killed_at_every_rename_leaves_nothing_or_the_adapter(tmp_path, model):
@@ -168,7 +168,7 @@ def test_an_os_failure_is_one_line_and_keeps_the_old_folder(tmp_path, model, mon
         modapt.save(fill(model, 2.0), out)
     assert "\n" not in str(info.value)
     assert loaded_value(out) == 1.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".adapter.lock", "adapter"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
 def test_a_file_size_limit_is_one_line_and_keeps_the_old_folder(tmp_path, model):

@@ -14,6 +14,8 @@ writing. Either way, at every instant the folder that ``load`` reads is one comp
 
 Concurrent writers into one folder take an exclusive ``flock`` on ``.<name>.lock`` beside it
 without waiting: the second one fails at once with :class:`FolderBusyError` (one wins whole).
+The holder unlinks the lock file before releasing it (a waiter that opened the unlinked inode
+notices and retries on the path), so nothing stays beside the folder.
 Files in the old folder that the writer does not own (a Trainer's optimizer state, a README)
 are hard-linked (or copied) into the new folder before the swap, so nothing else is lost.
 """
@@ -120,26 +122,48 @@ def replace_folder(directory: str | os.PathLike, write: Callable[[Path], Iterabl
     """
     directory = Path(directory)
     parent = directory.parent
+    lock = parent / f".{directory.name}.lock"
     try:
         parent.mkdir(parents=True, exist_ok=True)
         if directory.exists() and not directory.is_dir():
             raise FolderWriteError(f"{directory}: exists and is not a folder")
-        lock_fd = os.open(parent / f".{directory.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        lock_fd = _take_lock(lock, directory)
     except OSError as exc:
         raise FolderWriteError(f"{directory}: cannot be written: {exc.strerror or exc}") from None
     try:
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FolderBusyError(f"{directory}: another process is saving into this folder; "
-                                  "nothing was written") from None
         try:
             return _replace_locked(directory, write, set(owned))
         except OSError as exc:
             raise FolderWriteError(f"{directory}: cannot be written ({exc.strerror or exc}); "
                                    "the previous content is unchanged") from None
     finally:
+        # unlink while still holding the lock, so no file is left beside the folder; a waiter
+        # that opened the old inode sees it is no longer the lock file and takes a fresh one
+        try:
+            lock.unlink()
+        except OSError:
+            pass
         os.close(lock_fd)  # releases the flock
+
+
+def _take_lock(lock: Path, directory: Path) -> int:
+    """An fd holding an exclusive flock on ``lock`` (the file at that path now), or FolderBusyError."""
+    for _ in range(100):
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderBusyError(f"{directory}: another process is saving into this folder; "
+                                  "nothing was written") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)  # the holder before us unlinked this inode: take the lock file anew
+    raise FolderBusyError(f"{directory}: the lock file {lock.name} keeps changing; nothing was written")
 
 
 def _replace_locked(directory: Path, write, owned: set[str]) -> Path:
