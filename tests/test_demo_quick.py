@@ -29,4 +29,4 @@ def test_quick_demo_runs_end_to_end(tmp_path):
                  "latency"):
         assert line in result.stdout
     assert (tmp_path / "demo" / "onnx" / "model.onnx").is_file()
-    assert (tmp_path / "demo" / "best" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "best" / "modapt_adapter.safetensors").is_file()  # format 2: always there
