@@ -85,8 +85,14 @@ def file_keys(decl: dict, kind: str | None) -> dict[str, str]:
 
 def pattern_value(patterns: dict | None, path: str, default):
     """A per-layer value from a PEFT pattern field ({pattern: value}), matched as PEFT matches."""
+    if not isinstance(patterns or {}, dict):
+        raise PeftFormatError(f"a PEFT pattern field must map module patterns to values, got {patterns!r:.80}")
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", path)
+        except re.error as exc:
+            raise PeftFormatError(f"PEFT pattern key {key!r:.80} is not a regular expression: {exc}") from None
+        if hit:
             return value
     return default
 
