@@ -224,14 +224,18 @@ def test_a_non_peft_recipe_drops_the_peft_files_of_an_earlier_save(tmp_path, mod
 
 
 # ------------------------------------------------------------------ the base fingerprint
+EMPTY_DIGEST = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256 of nothing
+
+
 @pytest.mark.parametrize("fingerprint, match", [
     ({}, "records no base fingerprint"),
     ({"tensors": {}}, "records no base fingerprint"),
     ({"tensors": []}, "records no base fingerprint"),
+    ({"sha256": EMPTY_DIGEST, "tensors": {}}, "records no base fingerprint, but its recipe adapts base weights"),
     ({"tensors": {"model.embed_tokens.weight": "abc"}}, "malformed base fingerprint entry for 'model.embed"),
     ({"tensors": {"k": {"dtype": "float32", "shape": ["4"], "sha256": "0"}}}, "malformed base fingerprint entry"),
     ({"tensors": {"k": {"dtype": 3, "shape": [4], "sha256": "0"}}}, "malformed base fingerprint entry"),
-], ids=["empty", "no-tensors", "list", "string-entry", "string-shape", "int-dtype"])
+], ids=["empty", "no-tensors", "list", "claims-no-base", "string-entry", "string-shape", "int-dtype"])
 def test_a_missing_or_malformed_fingerprint_means_an_unknown_base(tmp_path, model, fingerprint, match):
     out = tmp_path / "adapter"
     modapt.save(fill(model, 1.0), out)

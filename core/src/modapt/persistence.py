@@ -280,7 +280,10 @@ def expected_fingerprint(config: dict[str, Any], directory: Path) -> dict[str, d
     (an adapter for an unknown base is refused unless ``verify_base=False``)."""
     hint = " (pass verify_base=False to load anyway)"
     tensors = config["base_fingerprint"].get("tensors")
-    if not isinstance(tensors, dict) or not tensors:
+    # an adapter of attachments only touches no base tensor: its record is {} with the digest of
+    # nothing; anything else without entries is an unknown base (checked again after apply)
+    empty = config["base_fingerprint"].get("sha256") == hashlib.sha256().hexdigest()
+    if not isinstance(tensors, dict) or not (tensors or empty):
         raise AdapterLoadError(f"{directory}: the adapter records no base fingerprint, so the base it was "
                                f"trained on is unknown{hint}")
     for key, entry in tensors.items():
@@ -321,6 +324,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
     tensors = read_tensors(directory, config)
     apply(model, recipe, registry=registry, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
+        if verify_base and not expected and state_of(model).base_keys:
+            # "touches no base tensor" (attachments only) was recorded, but the recipe does touch some
+            raise AdapterLoadError(f"{directory}: the adapter records no base fingerprint, but its recipe adapts "
+                                   "base weights: the base it was trained on is unknown (pass verify_base=False "
+                                   "to load anyway)")
         _copy_in(model, tensors, directory)
     except BaseException:
         remove(model)
