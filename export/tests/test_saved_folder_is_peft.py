@@ -171,15 +171,3 @@ def test_a_hostile_base_shard_header_is_one_line(tmp_path, entry, match):
         read_header(path)
     assert "\n" not in str(info.value)
 
-
-def test_a_peft_pattern_key_that_is_not_a_regex_is_one_line(registry, tmp_path):
-    from modapt_export.peft_format import PeftFormatError, load_peft
-    from peft import LoraConfig, get_peft_model
-
-    get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["rank_pattern"] = {"q_proj(": 4}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(PeftFormatError, match=r"pattern key 'q_proj\(' is not a regular expression") as info:
-        load_peft(tiny_llama(), tmp_path)
-    assert "\n" not in str(info.value)
