@@ -32,4 +32,4 @@ def test_quick_demo_runs_end_to_end(tmp_path):
     if summary["genai"] is not None:  # onnxruntime-genai installed: the GenAI route ran from the folder
         assert summary["genai"]["same_tokens_as_torch"] is True and "time per token" in result.stdout
         assert (tmp_path / "demo" / "genai" / "genai_config.json").is_file()
-    assert (tmp_path / "demo" / "best" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "demo" / "best" / "modapt_adapter.safetensors").is_file()  # format 2: always there

@@ -123,7 +123,7 @@ def test_method_on_quantized_base(kind, method, tmp_path):
     model.eval()
     expected = logits(model, inputs)
     modapt.save(model, tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    config = modapt.persistence.read_config(tmp_path / "adapter")
     assert {t["dtype"] for t in config["base_fingerprint"]["tensors"].values()} == {
         "quantized:" + ("torchao" if kind.startswith("torchao") else
                         "bitsandbytes-8bit" if kind == "bnb-int8" else "bitsandbytes-4bit")}
@@ -318,7 +318,7 @@ def test_train_cli_quantize_4bit(tmp_path, capsys):
                  "--steps", "3", "--eval-every", "3", "--eval-limit", "8", "--batch-size", "4", "--no-progress",
                  "--quantize", "4bit"])
     assert code == 0, capsys.readouterr().err
-    config = json.loads((tmp_path / "run" / "last" / "adapter_config.json").read_text())
+    config = modapt.persistence.read_config(tmp_path / "run" / "last")
     dtypes = {t["dtype"] for t in config["base_fingerprint"]["tensors"].values()}
     assert dtypes == {"quantized:bitsandbytes-4bit"}
 

@@ -40,11 +40,11 @@ def saved(tmp_path):
 
 def rewrite(path, edit):
     """Edit the tensors and re-sign the config, as a careful hand-editor would."""
-    tensors = load_file(path / "adapter_model.safetensors")
+    tensors = load_file(path / "modapt_adapter.safetensors")
     edit(tensors)
-    save_file(tensors, path / "adapter_model.safetensors")
+    save_file(tensors, path / "modapt_adapter.safetensors")
     config = json.loads((path / "adapter_config.json").read_text())
-    config["weights"]["sha256"] = file_sha256(path / "adapter_model.safetensors")
+    config["weights"]["sha256"] = file_sha256(path / "modapt_adapter.safetensors")
     (path / "adapter_config.json").write_text(json.dumps(config))
 
 
@@ -77,14 +77,14 @@ def test_hand_edited_tensors_with_a_matching_sha_are_refused(saved, edit, match)
 
 def test_garbage_with_a_matching_sha_is_refused(saved):
     """The sha256 only proves the pair belongs together; the safetensors reader still checks the bytes."""
-    weights = saved / "adapter_model.safetensors"
+    weights = saved / "modapt_adapter.safetensors"
     data = bytearray(weights.read_bytes())
     data[:8] = (10**12).to_bytes(8, "little")  # a header length past the end of the file
     weights.write_bytes(bytes(data))
     config = json.loads((saved / "adapter_config.json").read_text())
     config["weights"]["sha256"] = file_sha256(weights)
     (saved / "adapter_config.json").write_text(json.dumps(config))
-    refused(saved, "not a readable safetensors file")
+    refused(saved, "safetensors header length .* does not fit the file")
 
 
 @pytest.mark.parametrize("content, match", [
@@ -93,10 +93,10 @@ def test_garbage_with_a_matching_sha_is_refused(saved):
     (b"[1, 2, 3]", "expected a JSON object"),
     (b"{\"format\": \"modapt-adapter\", \"format_version\": \"1\"}", "format_version must be an integer"),
     (b"{\"format\": \"modapt-adapter\", \"format_version\": 0}", "unknown format version 0"),
-    (b"{\"format\": \"modapt-adapter\", \"format_version\": 2}", "format version 2 is newer"),
+    (b"{\"format\": \"modapt-adapter\", \"format_version\": 3}", "format version 3 is newer"),
     (b"{\"format\": \"modapt-adapter\", \"format_version\": 1}", "missing or invalid 'recipe'"),
     (b"{\"peft_type\": \"LORA\", \"r\": 8}", "is a PEFT adapter"),
-], ids=["non-utf8", "truncated-json", "list", "version-string", "version-0", "version-2", "no-recipe", "peft"])
+], ids=["non-utf8", "truncated-json", "list", "version-string", "version-0", "version-3", "no-recipe", "peft"])
 def test_broken_configs_are_refused(saved, content, match):
     (saved / "adapter_config.json").write_bytes(content)
     refused(saved, match)
@@ -115,8 +115,8 @@ def test_adapter_of_another_architecture_is_refused(saved):
 
 
 def test_missing_weights_file_is_refused(saved):
-    (saved / "adapter_model.safetensors").unlink()
-    refused(saved, "no adapter_model.safetensors")
+    (saved / "modapt_adapter.safetensors").unlink()
+    refused(saved, "no modapt_adapter.safetensors")
 
 
 @pytest.mark.parametrize("name", ["adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin"])

@@ -46,7 +46,7 @@ def assert_untouched(model, before):
 def test_files_and_names(saved):
     model, path = saved
     config = json.loads((path / "adapter_config.json").read_text())
-    assert config["format"] == "modapt-adapter" and config["format_version"] == 1
+    assert config["format"] == "modapt-adapter" and config["format_version"] == 2
     assert config["recipe"]["adapter"][0]["method"] == "lora"
     assert "modapt" in config["versions"]
     fp = config["base_fingerprint"]
@@ -54,7 +54,7 @@ def test_files_and_names(saved):
         f"model.layers.{i}.self_attn.{p}.weight" for i in range(2) for p in ("q_proj", "v_proj")])
     from safetensors import safe_open
 
-    with safe_open(path / "adapter_model.safetensors", "pt") as f:
+    with safe_open(path / "modapt_adapter.safetensors", "pt") as f:
         names = set(f.keys())
     assert names == set(modapt.trainable_parameters(model))
     assert "model.layers.0.self_attn.q_proj.lora_A.weight" in names and "lm_head.weight" in names
@@ -116,12 +116,12 @@ def test_other_shapes_is_refused_naming_the_tensor(saved):
 
 def test_tampered_files_are_refused(saved):
     _, path = saved
-    weights = path / "adapter_model.safetensors"
+    weights = path / "modapt_adapter.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     base = tiny_llama()
     before = snapshot(base)
-    with pytest.raises(modapt.AdapterLoadError, match="does not match the sha256"):
+    with pytest.raises(modapt.AdapterLoadError, match="truncated"):
         modapt.load(base, path)
     assert_untouched(base, before)
 
@@ -131,11 +131,11 @@ def test_wrong_shapes_in_a_consistent_file_are_refused(saved):
     from safetensors.torch import load_file, save_file
 
     _, path = saved
-    tensors = load_file(path / "adapter_model.safetensors")
+    tensors = load_file(path / "modapt_adapter.safetensors")
     tensors["model.layers.0.self_attn.q_proj.lora_A.weight"] = torch.zeros(5, 64)
-    save_file(tensors, path / "adapter_model.safetensors")
+    save_file(tensors, path / "modapt_adapter.safetensors")
     config = json.loads((path / "adapter_config.json").read_text())
-    config["weights"]["sha256"] = modapt.persistence.file_sha256(path / "adapter_model.safetensors")
+    config["weights"]["sha256"] = modapt.persistence.file_sha256(path / "modapt_adapter.safetensors")
     (path / "adapter_config.json").write_text(json.dumps(config))
     base = tiny_llama()
     before = snapshot(base)
@@ -146,7 +146,7 @@ def test_wrong_shapes_in_a_consistent_file_are_refused(saved):
 
 @pytest.mark.parametrize("edit, message", [
     (lambda c: c.update(format_version=99), "format version 99 is newer"),
-    (lambda c: c.update(format="other"), "not a modapt adapter"),
+    (lambda c: (c.update(format="other"), c.pop("peft_type")), "not a modapt adapter"),
     (lambda c: c["recipe"]["adapter"][0].update(method="map"), "install modapt-map"),
 ])
 def test_config_problems_are_refused(saved, edit, message):
@@ -166,9 +166,12 @@ def test_pickle_is_never_loaded(tmp_path):
 
 def test_save_replaces_atomically(saved):
     model, path = saved
-    before = (path / "adapter_model.safetensors").read_bytes()
+    before = (path / "modapt_adapter.safetensors").read_bytes()
     with torch.no_grad():
         next(iter(modapt.trainable_parameters(model).values())).add_(1)
     modapt.save(model, path)
-    assert (path / "adapter_model.safetensors").read_bytes() != before
-    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert (path / "modapt_adapter.safetensors").read_bytes() != before
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "modapt_adapter.safetensors"]
+    # the swap leaves nothing beside the folder: no lock file, no temporary copies
+    assert sorted(p.name for p in path.parent.iterdir()) == ["adapter"]

@@ -4,7 +4,7 @@ The public API (DESIGN.md, "Fixed names and behaviours")::
 
     model = modapt.apply(model, recipe)      # same object, adapters in place, base frozen
     modapt.trainable_parameters(model)       # {name: parameter}
-    modapt.save(model, "adapter/")           # adapter_config.json + adapter_model.safetensors
+    modapt.save(model, "adapter/")           # atomic; also a PEFT folder for LoRA/DoRA/AdaLoRA
     model = modapt.load(base_model, "adapter/")
     modapt.merge(model, unload=True)         # fold weight adapters into the base weights
     modapt.merge(model, unload=False); modapt.unmerge(model)   # bit-exact round trip

@@ -1,7 +1,14 @@
-"""Saving and loading adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Saving and loading adapters: a folder that modapt, and PEFT where it can, reads.
 
-No pickle anywhere: tensors go through safetensors, everything else through JSON. Each file
-is written to a temporary name and renamed into place; the config records the sha256 of the
+Format 2 (this release): ``modapt_adapter.safetensors`` holds modapt's tensors; the config is
+``adapter_config.json`` (PEFT's config + modapt's fields, with PEFT's tensors in
+``adapter_model.safetensors``) when PEFT can express the adapter, else ``modapt_adapter.json``.
+Format 1 (earlier releases): ``adapter_config.json`` + ``adapter_model.safetensors``, modapt's
+schema; still read.
+
+No pickle anywhere: tensors go through safetensors, everything else through JSON read under
+size and depth limits (:mod:`modapt.untrusted`). The whole folder is written beside the old one
+and swapped in atomically (:mod:`modapt.atomic_folder`); the config records the sha256 of the
 tensor file, so a pair that does not belong together is refused instead of loaded.
 """
 
@@ -19,15 +26,20 @@ import torch
 from torch import nn
 
 from .apply import adapter_state_dict, apply, remove, state_of
+from .atomic_folder import replace_folder, resolve
 from .errors import AdapterLoadError, ModaptError, StateError
 from .fingerprint import FINGERPRINT_ALGORITHM, QuantizedStored, fingerprint, first_mismatch
 from .recipe import parse_recipe
 from .registry import Registry, default_registry
+from .untrusted import UntrustedFileError, read_json, read_safetensors_header
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"  # PEFT's name: format 1, and format 2 when PEFT can read the adapter
+WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name: format 1 (modapt's tensors), format 2 (PEFT's)
+MODAPT_CONFIG_NAME = "modapt_adapter.json"  # format 2 when PEFT cannot read the adapter
+WEIGHTS_NAME_V2 = "modapt_adapter.safetensors"  # format 2: modapt's tensors, always
+OWNED_NAMES = (CONFIG_NAME, WEIGHTS_NAME, MODAPT_CONFIG_NAME, WEIGHTS_NAME_V2)
 FORMAT = "modapt-adapter"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
 
@@ -109,11 +121,18 @@ def base_weight_getter(model: nn.Module):
 
 
 def save(model: nn.Module, directory: str | os.PathLike, *, registry: Registry | None = None) -> Path:
-    """Write the model's adapter to ``directory`` (created if needed) and return its path.
+    """Write the model's adapter to ``directory`` (created if needed), replacing it atomically; return its path.
 
-    ``adapter_model.safetensors`` holds exactly the adapter tensors, named as in
-    ``named_parameters()``; ``adapter_config.json`` the resolved recipe, the format version,
-    the versions of modapt and of each plugin used, and the base fingerprint.
+    ``modapt_adapter.safetensors`` holds exactly the adapter tensors, named as in
+    ``named_parameters()``. When every entry of the recipe has a PEFT format (LoRA, rsLoRA,
+    DoRA, AdaLoRA; modapt-export installed), the folder is also a PEFT folder:
+    ``adapter_config.json`` holds PEFT's config with modapt's fields beside it (the resolved
+    recipe, the format version, the versions of modapt and of each plugin, the base
+    fingerprint, the tensor file's sha256) and ``adapter_model.safetensors`` the tensors under
+    PEFT's names. Otherwise the config is ``modapt_adapter.json``, a name PEFT and transformers
+    do not look for. The old folder is swapped for the new one in one step
+    (:mod:`modapt.atomic_folder`): a reader sees one complete save or the other, and a second
+    process saving into the same folder at the same time fails with ``FolderBusyError``.
     """
     from safetensors.torch import save as st_save
 
@@ -121,8 +140,6 @@ def save(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
     state = state_of(model)
     if state.unloaded:
         raise StateError("merge(unload=True) folded the weight adapters; there is no adapter left to save")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: full_tensor(v).detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
     blob = st_save(tensors, metadata={"format": "pt", "modapt_format_version": str(FORMAT_VERSION)})
     digest, per_tensor = fingerprint(state.base_keys.values(), base_weight_getter(model))
@@ -137,39 +154,83 @@ def save(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
             "name_or_path": getattr(getattr(model, "config", None), "_name_or_path", ""),
         },
         "base_fingerprint": {"algorithm": FINGERPRINT_ALGORITHM, "sha256": digest, "tensors": per_tensor},
-        "weights": {"file": WEIGHTS_NAME, "sha256": hashlib.sha256(blob).hexdigest(), "count": len(tensors)},
+        "weights": {"file": WEIGHTS_NAME_V2, "sha256": hashlib.sha256(blob).hexdigest(), "count": len(tensors),
+                    "bytes": len(blob)},
     }
-    # tensors first, then the config that vouches for them: a kill in between leaves a pair the
-    # loader refuses (sha256 mismatch), never one it loads wrongly
-    atomic_write_bytes(directory / WEIGHTS_NAME, blob)
-    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
-    return directory
+    peft = _peft_files(model, registry)
+
+    def write(folder: Path) -> list[str]:
+        _write_file(folder / WEIGHTS_NAME_V2, blob)
+        if peft is None:
+            _write_file(folder / MODAPT_CONFIG_NAME, (json.dumps(config, indent=2) + "\n").encode())
+            return [WEIGHTS_NAME_V2, MODAPT_CONFIG_NAME]
+        peft_config, peft_blob = peft
+        _write_file(folder / WEIGHTS_NAME, peft_blob)
+        # PEFT's fields first, modapt's beside them: PEFT drops keys its config class lacks
+        merged = {**peft_config, **config}
+        _write_file(folder / CONFIG_NAME, (json.dumps(merged, indent=2) + "\n").encode())
+        return [WEIGHTS_NAME_V2, WEIGHTS_NAME, CONFIG_NAME]
+
+    return replace_folder(directory, write, owned=OWNED_NAMES)
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _peft_files(model: nn.Module, registry: Registry) -> tuple[dict[str, Any], bytes] | None:
+    """(PEFT config, PEFT tensor file) when the adapter has a PEFT format and modapt-export is
+    installed (it holds PEFT's format), else ``None``."""
+    try:
+        from modapt_export.peft_format import PeftFormatError, peft_payload
+    except ImportError:
+        return None
+    try:
+        return peft_payload(model, registry=registry)
+    except PeftFormatError:
+        return None
+
+
+def _locate(directory: Path) -> tuple[Path, bool]:
+    """(config path, whether the config is modapt-only) of an adapter folder, or an error."""
+    own = directory / MODAPT_CONFIG_NAME
+    if own.is_file():
+        return own, True
+    path = directory / CONFIG_NAME
+    if path.is_file():
+        return path, False
+    pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
+    extra = f" ({', '.join(pickles)} found: pickle files are never loaded)" if pickles else ""
+    raise AdapterLoadError(f"{directory}: no {CONFIG_NAME} or {MODAPT_CONFIG_NAME}{extra}")
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:
-    """The adapter config of ``directory``, checked for format and version."""
-    directory = Path(directory)
+    """The adapter config of ``directory``, checked for format and version (both layouts).
+
+    Format 1 (modapt <= 0.x): ``adapter_config.json`` + ``adapter_model.safetensors``, modapt's
+    schema only. Format 2: see :func:`save`.
+    """
+    directory = resolve(Path(directory))
     if not directory.is_dir():
         raise AdapterLoadError(f"{directory}: no such adapter directory")
-    path = directory / CONFIG_NAME
-    if not path.is_file():
-        pickles = [n for n in PICKLE_NAMES if (directory / n).exists()]
-        extra = f" ({', '.join(pickles)} found: pickle files are never loaded)" if pickles else ""
-        raise AdapterLoadError(f"{directory}: no {CONFIG_NAME}{extra}")
+    path, _ = _locate(directory)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterLoadError(f"{path}: not valid JSON: {exc}") from None
+        config = read_json(path)
+    except UntrustedFileError as exc:
+        raise AdapterLoadError(str(exc)) from None
     if not isinstance(config, dict):
         raise AdapterLoadError(f"{path}: expected a JSON object")
-    if "peft_type" in config:
+    if "peft_type" in config and config.get("format") != FORMAT:
         raise AdapterLoadError(
             f"{directory} is a PEFT adapter ({config['peft_type']}); read it with modapt_export.load_peft "
             "(pip install modapt-export)")
     if config.get("format") != FORMAT:
         raise AdapterLoadError(f"{path}: not a modapt adapter (format {config.get('format')!r})")
     version = config.get("format_version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise AdapterLoadError(f"{path}: format_version must be an integer, got {version!r}")
     if version > FORMAT_VERSION:
         raise AdapterLoadError(
@@ -182,21 +243,57 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def read_tensors(directory: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The adapter tensors, after checking the file against the sha256 its config records."""
-    from safetensors.torch import load as st_load
+def _weights_path(directory: Path, config: dict[str, Any]) -> Path:
+    # the file name follows from the version, never from the (untrusted) config's text
+    return directory / (WEIGHTS_NAME if config["format_version"] == 1 else WEIGHTS_NAME_V2)
 
-    path = directory / WEIGHTS_NAME
+
+def read_tensors(directory: Path, config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The adapter tensors, after checking the file's header and size, then its streamed sha256.
+
+    The safetensors header is read first under limits (:mod:`modapt.untrusted`) and the file
+    size must be what it describes, so a huge or truncated file is refused before being hashed;
+    the hash streams in 4 MB blocks and the tensors are then memory-mapped, never read whole.
+    """
+    from safetensors.torch import load_file
+
+    directory = resolve(Path(directory))
+    path = _weights_path(directory, config)
     if not path.is_file():
-        raise AdapterLoadError(f"{directory}: no {WEIGHTS_NAME}")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != config["weights"].get("sha256"):
+        raise AdapterLoadError(f"{directory}: no {path.name}")
+    try:
+        read_safetensors_header(path)
+    except UntrustedFileError as exc:
+        raise AdapterLoadError(f"{exc} (truncated, edited, or from another save)") from None
+    expected = config["weights"].get("sha256")
+    if file_sha256(path) != expected:
         raise AdapterLoadError(f"{path}: does not match the sha256 in {CONFIG_NAME} (truncated, edited, or "
                                "from another save)")
     try:
-        return st_load(data)
+        return load_file(path)
     except Exception as exc:
         raise AdapterLoadError(f"{path}: not a readable safetensors file: {exc}") from None
+
+
+def expected_fingerprint(config: dict[str, Any], directory: Path) -> dict[str, dict]:
+    """The per-tensor base fingerprint a config records, checked; no fingerprint is an error
+    (an adapter for an unknown base is refused unless ``verify_base=False``)."""
+    hint = " (pass verify_base=False to load anyway)"
+    tensors = config["base_fingerprint"].get("tensors")
+    # an adapter of attachments only touches no base tensor: its record is {} with the digest of
+    # nothing; anything else without entries is an unknown base (checked again after apply)
+    empty = config["base_fingerprint"].get("sha256") == hashlib.sha256().hexdigest()
+    if not isinstance(tensors, dict) or not (tensors or empty):
+        raise AdapterLoadError(f"{directory}: the adapter records no base fingerprint, so the base it was "
+                               f"trained on is unknown{hint}")
+    for key, entry in tensors.items():
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+              and isinstance(entry.get("sha256"), str) and isinstance(entry.get("shape"), list)
+              and all(type(d) is int for d in entry["shape"]))
+        if not ok:
+            raise AdapterLoadError(f"{directory}: malformed base fingerprint entry for '{key}' "
+                                   f"(dtype, shape and sha256 expected){hint}")
+    return tensors
 
 
 def load(model: nn.Module, directory: str | os.PathLike, *, registry: Registry | None = None,
@@ -208,14 +305,14 @@ def load(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
     (for a base in another dtype than the one trained on, say); shapes are always checked.
     """
     registry = registry or default_registry()
-    directory = Path(directory)
+    directory = resolve(Path(directory))
     config = read_config(directory)
     try:
         recipe = parse_recipe(config["recipe"], registry)
     except ModaptError as exc:
         raise AdapterLoadError(f"{directory}: the saved recipe cannot be used here: {exc}") from None
-    expected = config["base_fingerprint"].get("tensors", {})
     if verify_base:
+        expected = expected_fingerprint(config, directory)
         get = base_weight_getter(model)
         try:
             _, actual = fingerprint(expected.keys(), get)
@@ -227,6 +324,11 @@ def load(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
     tensors = read_tensors(directory, config)
     apply(model, recipe, registry=registry, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
+        if verify_base and not expected and state_of(model).base_keys:
+            # "touches no base tensor" (attachments only) was recorded, but the recipe does touch some
+            raise AdapterLoadError(f"{directory}: the adapter records no base fingerprint, but its recipe adapts "
+                                   "base weights: the base it was trained on is unknown (pass verify_base=False "
+                                   "to load anyway)")
         _copy_in(model, tensors, directory)
     except BaseException:
         remove(model)

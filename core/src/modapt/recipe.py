@@ -115,8 +115,10 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         if suffix == ".toml":
             data = tomllib.loads(text)
-        elif suffix == ".json":
-            data = json.loads(text)
+        elif suffix == ".json":  # bounded: a recipe may be downloaded (modapt.untrusted)
+            from .untrusted import parse_json
+
+            data = parse_json(text, "JSON")
         elif suffix in (".yaml", ".yml"):
             import yaml
 

@@ -105,6 +105,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     onnx.add_argument("--no-optimize", action="store_true", help="skip the exporter's graph optimisation (faster export, ~3x nodes)")
     onnx.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     onnx.set_defaults(run=run_onnx)
+    from .peft_cli import configure_peft
+
+    configure_peft(sub)
 
 
 def run_onnx(args) -> int:

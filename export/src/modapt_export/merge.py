@@ -107,11 +107,13 @@ def read_adapter(directory: str | os.PathLike, registry: Registry | None = None)
     directory = Path(directory)
     config_path = directory / persistence.CONFIG_NAME
     if config_path.is_file():
+        from modapt.untrusted import UntrustedFileError, read_json
+
         try:
-            raw = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise modapt.AdapterLoadError(f"{config_path}: not valid JSON: {exc}") from None
-        if isinstance(raw, dict) and "peft_type" in raw:
+            raw = read_json(config_path)
+        except UntrustedFileError as exc:
+            raise modapt.AdapterLoadError(str(exc)) from None
+        if isinstance(raw, dict) and "peft_type" in raw and raw.get("format") != persistence.FORMAT:
             from .peft_format import read_peft_adapter
 
             recipe, tensors = read_peft_adapter(directory, registry)

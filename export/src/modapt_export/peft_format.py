@@ -42,6 +42,8 @@ from torch import nn
 
 import modapt
 from modapt import AdapterLoadError
+from modapt.persistence import full_tensor
+from modapt.untrusted import UntrustedFileError, read_json
 from modapt.registry import Registry, default_registry
 from modapt.targets import regex_problem
 
@@ -120,7 +122,12 @@ def read_peft_adapter(directory: str | os.PathLike, registry: Registry | None = 
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise PeftFormatError(f"{directory}: no {CONFIG_NAME}")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        config = read_json(config_path)
+    except UntrustedFileError as exc:
+        raise PeftFormatError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{config_path}: expected a JSON object")
     peft_type = config.get("peft_type")
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():
@@ -304,8 +311,28 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, registry: Regis
 
     Every adapted layer must use methods that declare a PEFT format, all of one PEFT type
     (PEFT keeps one config per adapter); per-layer ranks and alphas go to PEFT's patterns.
+    The folder is replaced atomically, as ``modapt.save`` does; it holds PEFT's two files only.
     """
-    from safetensors.torch import save_file
+    from modapt.atomic_folder import replace_folder
+
+    config, blob = peft_payload(model, registry=registry)
+
+    def write(folder: Path) -> list[str]:
+        (folder / WEIGHTS_NAME).write_bytes(blob)
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return [WEIGHTS_NAME, CONFIG_NAME]
+
+    return replace_folder(directory, write, owned=(CONFIG_NAME, WEIGHTS_NAME, "modapt_adapter.json",
+                                                   "modapt_adapter.safetensors"))
+
+
+def peft_payload(model: nn.Module, *, registry: Registry | None = None) -> tuple[dict[str, Any], bytes]:
+    """(PEFT ``adapter_config.json`` dict, ``adapter_model.safetensors`` bytes) for the model's adapter.
+
+    Raises :class:`PeftFormatError` when PEFT cannot express it (a method without a PEFT
+    format, attachments, mixed PEFT types, per-layer values PEFT keeps once).
+    """
+    from safetensors.torch import save
 
     registry = registry or default_registry()
     state = modapt.state_of(model)
@@ -368,12 +395,9 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, registry: Regis
     config = _peft_config(peft_type, selectors, per_layer, decls, state, kinds, model)
     if rank_pattern:
         config["rank_pattern"] = rank_pattern
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()},
-              directory / WEIGHTS_NAME, metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return directory
+    blob = save({k: full_tensor(v).detach().to("cpu").contiguous().clone()
+                 for k, v in tensors.items()}, metadata={"format": "pt"})
+    return config, blob
 
 
 def _peft_config(peft_type, selectors, per_layer, decls, state, kinds, model) -> dict[str, Any]:
@@ -403,3 +427,56 @@ def _peft_config(peft_type, selectors, per_layer, decls, state, kinds, model) ->
     if state.modules_to_save:
         config["modules_to_save"] = list(state.modules_to_save)
     return config
+
+
+# --------------------------------------------------------------------------------- converting
+def convert_to_peft(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, *, base_dir: str | os.PathLike |
+                    None = None, overwrite: bool = False, registry: Registry | None = None) -> Path:
+    """Write the modapt adapter folder ``adapter_dir`` (any format version) as a PEFT folder ``out_dir``.
+
+    The base is never loaded: its skeleton is built on the ``meta`` device from ``base_dir``
+    (default: the ``base_model.name_or_path`` the adapter recorded, when it is a local folder)
+    to learn each layer's kind, and the adapter's tensors are placed into it as they are.
+    """
+    from modapt import persistence
+    from modapt.recipe import parse_recipe
+
+    from .merge import skeleton
+
+    registry = registry or default_registry()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise PeftFormatError(f"{out_dir}: already exists (pass --overwrite to replace it)")
+    adapter_dir = Path(adapter_dir)
+    config = persistence.read_config(adapter_dir)
+    base = base_dir or (config.get("base_model") or {}).get("name_or_path") or ""
+    if not base or not (Path(base) / "config.json").is_file():
+        raise PeftFormatError(f"{adapter_dir}: the base it records ({base or 'none'!s}) is not a local model folder; "
+                              "pass --base MODEL_DIR (its config.json is read, never its weights)")
+    if Path(out_dir).resolve() in (adapter_dir.resolve(), Path(base).resolve()):
+        raise PeftFormatError(f"{out_dir}: is the adapter or the base folder itself; choose another --out")
+    try:
+        recipe = parse_recipe(config["recipe"], registry)
+    except modapt.ModaptError as exc:
+        raise PeftFormatError(f"{adapter_dir}: the saved recipe cannot be used here: {exc}") from None
+    tensors = persistence.read_tensors(adapter_dir, config)
+    model = skeleton(base)
+    model.config._name_or_path = str(base)
+    modapt.apply(model, recipe, registry=registry)
+    targets = modapt.adapter_state_dict(model)
+    missing = sorted(set(targets) - set(tensors))
+    if missing:
+        raise PeftFormatError(f"{adapter_dir}: tensor '{missing[0]}' is missing")
+    model.load_state_dict({k: tensors[k] for k in targets}, strict=False, assign=True)
+    payload = peft_payload(model, registry=registry)
+
+    def write(folder: Path) -> list[str]:
+        peft_config, blob = payload
+        (folder / WEIGHTS_NAME).write_bytes(blob)
+        (folder / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        return [WEIGHTS_NAME, CONFIG_NAME]
+
+    from modapt.atomic_folder import replace_folder
+
+    return replace_folder(out_dir, write, owned=(CONFIG_NAME, WEIGHTS_NAME, "modapt_adapter.json",
+                                                 "modapt_adapter.safetensors"))

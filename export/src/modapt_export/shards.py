@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from modapt import ModaptError
+from modapt.untrusted import UntrustedFileError, parse_json, read_json
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -82,9 +83,9 @@ def read_header(path: Path) -> ShardHeader:
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc}") from None
     try:
-        header = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: header is not valid JSON ({exc}): corrupted or not safetensors") from None
+        header = parse_json(text, f"{path}: header", max_bytes=MAX_HEADER, max_depth=4)
+    except UntrustedFileError as exc:
+        raise CheckpointError(f"{exc}: corrupted or not safetensors") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -96,8 +97,12 @@ def read_header(path: Path) -> ShardHeader:
             dtype, shape = info["dtype"], info["shape"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for '{key}'") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor '{key}' has dtype {dtype!r}, which this merge does not handle")
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) \
+                or not all(type(o) is int for o in (begin, end)):
+            raise CheckpointError(f"{path}: tensor '{key}' has shape {shape!r} / offsets {[begin, end]!r}, "
+                                  "not integers >= 0")
         numel = 1
         for d in shape:
             numel *= d
@@ -135,10 +140,12 @@ class Checkpoint:
         index_path = directory / INDEX_NAME
         if index_path.is_file():
             try:
-                index = json.loads(index_path.read_text(encoding="utf-8"))
+                index = read_json(index_path)
                 weight_map = index["weight_map"]
                 files = sorted(set(weight_map.values()))
-            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            except UntrustedFileError as exc:
+                raise CheckpointError(str(exc)) from None
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from None
         elif (directory / SINGLE_NAME).is_file():
             index, files = None, [SINGLE_NAME]
