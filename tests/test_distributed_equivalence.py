@@ -311,7 +311,7 @@ def test_fsdp_save_gathers_the_adapter_and_loads_and_merges(launched, case):
     for module in CASES[case][0].values():
         pytest.importorskip(module)
     import modapt
-    from modapt.persistence import WEIGHTS_NAME
+    from modapt.persistence import WEIGHTS_NAME_V2
     from modapt.registry import use_registry
     from modapt.testing import tiny_inputs, tiny_llama
     from safetensors.torch import load_file
@@ -322,7 +322,7 @@ def test_fsdp_save_gathers_the_adapter_and_loads_and_merges(launched, case):
     model, registry, _ = reference(case)
     want = {k: v.detach() for k, v in modapt.adapter_state_dict(model).items()}
     # only the adapter in the file, full shapes
-    assert sorted(load_file(saved / WEIGHTS_NAME)) == sorted(want)
+    assert sorted(load_file(saved / WEIGHTS_NAME_V2)) == sorted(want)
     with use_registry(registry):
         fresh = modapt.load(tiny_llama(seed=0), saved)
         assert_close_dicts({k: v.detach() for k, v in modapt.adapter_state_dict(fresh).items()}, want,

@@ -157,7 +157,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
         "weights": {"file": WEIGHTS_NAME_V2, "sha256": hashlib.sha256(blob).hexdigest(), "count": len(tensors),
                     "bytes": len(blob)},
     }
-    peft = _peft_files(model, registry)
+    peft = _peft_files(model, registry, tensors)
 
     def write(folder: Path) -> list[str]:
         _write_file(folder / WEIGHTS_NAME_V2, blob)
@@ -181,7 +181,8 @@ def _write_file(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _peft_files(model: nn.Module, registry: Registry) -> tuple[dict[str, Any], bytes] | None:
+def _peft_files(model: nn.Module, registry: Registry,
+                tensors: dict[str, torch.Tensor]) -> tuple[dict[str, Any], bytes] | None:
     """(PEFT config, PEFT tensor file) when the adapter has a PEFT format and modapt-export is
     installed (it holds PEFT's format), else ``None``."""
     try:
@@ -189,7 +190,7 @@ def _peft_files(model: nn.Module, registry: Registry) -> tuple[dict[str, Any], b
     except ImportError:
         return None
     try:
-        return peft_payload(model, registry=registry)
+        return peft_payload(model, registry=registry, tensors=tensors)
     except PeftFormatError:
         return None
 

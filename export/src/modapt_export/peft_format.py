@@ -326,8 +326,13 @@ def save_peft(model: nn.Module, directory: str | os.PathLike, *, registry: Regis
                                                    "modapt_adapter.safetensors"))
 
 
-def peft_payload(model: nn.Module, *, registry: Registry | None = None) -> tuple[dict[str, Any], bytes]:
+def peft_payload(model: nn.Module, *, registry: Registry | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, Any], bytes]:
     """(PEFT ``adapter_config.json`` dict, ``adapter_model.safetensors`` bytes) for the model's adapter.
+
+    ``tensors``: the adapter's tensors as :func:`modapt.adapter_state_dict` names them, already
+    whole (``modapt.save`` passes what it gathered: under FSDP2 gathering a shard is a
+    collective, and only rank 0 writes, so it must not gather again here).
 
     Raises :class:`PeftFormatError` when PEFT cannot express it (a method without a PEFT
     format, attachments, mixed PEFT types, per-layer values PEFT keeps once).
@@ -341,8 +346,8 @@ def peft_payload(model: nn.Module, *, registry: Registry | None = None) -> tuple
         raise PeftFormatError(f"PEFT's LoRA/DoRA/AdaLoRA formats cannot hold {', '.join(names)} adapters")
     if not state.layers:
         raise PeftFormatError("the model has no weight adapters to save")
-    all_tensors = modapt.adapter_state_dict(model)
-    tensors: dict[str, torch.Tensor] = {}
+    all_tensors = modapt.adapter_state_dict(model) if tensors is None else tensors
+    tensors = {}
     per_layer: dict[str, dict[str, Any]] = {}
     peft_type, selectors, kinds = None, None, Counter()
     rank_pattern: dict[str, list[bool]] = {}
