@@ -83,3 +83,12 @@ def test_divergence_stops_keeps_last_finite_adapter_and_exits_1(workdir, capsys)
     modapt.load(model, out / "last")
     tensors = modapt.trainable_parameters(model)
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_missing_matplotlib_names_the_extra(workdir, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = workdir / "noplot"
+    assert main(_argv(workdir, out, "--steps", "1", "--eval-every", "0")) == 0
+    stdout = capsys.readouterr().out
+    assert "curves: not drawn" in stdout and "modapt[train]" in stdout and "curves: None" not in stdout
+    assert not (out / "curves.png").exists()

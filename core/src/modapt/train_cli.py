@@ -88,7 +88,8 @@ def run(args) -> int:
         print(f"interrupted at step {summary['steps']}: adapter saved to {summary['last_adapter']}")
         return 130
     print(f"after training: " + ", ".join(f"val {k} {v:.4f}" for k, v in summary["final"].items()))
-    print(f"best adapter: {summary['best_adapter']} (step {summary['best_step']}); curves: {summary['plot']}")
+    curves = summary["plot"] or "not drawn (matplotlib is missing: pip install 'modapt[train]')"
+    print(f"best adapter: {summary['best_adapter']} (step {summary['best_step']}); curves: {curves}")
     return 0
 
 
