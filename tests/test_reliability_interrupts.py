@@ -197,7 +197,7 @@ def test_killed_training_leaves_checkpoints_that_load_or_are_refused(tmp_path):
         sys.exit(main(["train", "--recipe", {str(tmp_path / 'recipe.toml')!r}, "--model", {str(tmp_path / 'model')!r},
                        "--data", {str(tmp_path / 'data.csv')!r}, "--label-column", "sentiment",
                        "--out", {str(tmp_path / 'run')!r}, "--steps", "2000", "--eval-every", "1",
-                       "--batch-size", "4", "--lr", "0.01", "--no-progress"]))
+                       "--batch-size", "4", "--lr", "0.01", "--no-progress", "--overwrite"]))
     """)
     for i in range(2):
         run_and_kill(script, tmp_path / "run" / "best" / "adapter_config.json", rng, wait=(0.2, 2.0))

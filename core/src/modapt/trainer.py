@@ -21,6 +21,7 @@ import torch
 
 from . import distributed, text_data
 from .apply import apply, is_adapted, trainable_parameters
+from .errors import ModaptError
 from .persistence import save
 from .training import after_optimizer_step, before_optimizer_step, regularization_loss
 
@@ -121,6 +122,8 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
             model.to(torch.device("cuda", torch.cuda.current_device()))
         forward = torch.nn.parallel.DistributedDataParallel(model)
         log = log if writer else (lambda *a, **k: None)
+    if len(train_set) == 0:  # an empty split would loop forever looking for a first batch
+        raise ModaptError("the training split is empty: give more data or a larger --limit")
     params = list(trainable_parameters(model).values())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -157,17 +160,28 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
     bar = _progress(total, config.progress and writer)
     model.train()
     step, epoch, start, interrupted, seen = 0, 0, time.perf_counter(), False, 0
+    diverged = None
     with _Interrupt() as interrupt:
-        while step < total and not interrupted:
+        while step < total and not interrupted and diverged is None:
             for batch in text_data.batches(tokenizer, train_set, config.batch_size, config.max_length, shuffle=True,
                                            seed=config.seed + epoch, task=config.task):
                 batch = {k: v.to(_device(model)) for k, v in batch.items()}
                 out = forward(**batch)
                 loss = out.loss + regularization_loss(model)
+                if not torch.isfinite(loss.detach()).all():  # the adapter is still the last finite one
+                    diverged = f"non-finite loss ({float(loss):g}) at step {step}"
+                    break
                 loss.backward()
                 before_optimizer_step(model, step)
+                finite = [p.detach().clone() for p in params]  # adapters are small: a copy per step
                 optimizer.step()
                 after_optimizer_step(model, step)
+                if not all(bool(torch.isfinite(p).all()) for p in params):
+                    with torch.no_grad():  # back to the last finite adapter before it is saved
+                        for p, kept in zip(params, finite):
+                            p.copy_(kept)
+                    diverged = f"non-finite adapter after the optimizer step at step {step}"
+                    break
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 seen += batch["input_ids"].shape[0]
@@ -189,9 +203,16 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
                     break
             epoch += 1
     bar.close()
-    final = evaluate_and_keep(step) if not interrupted else {}
-    if writer:
+    if writer:  # last/ first: a Ctrl-C during the final evaluation must not cost it
         save(model, out_dir / "last")
+    final = {}
+    if not interrupted and diverged is None:
+        try:
+            final = evaluate_and_keep(step)
+        except KeyboardInterrupt:  # last/ is already on disk
+            interrupted = True
+    if diverged is not None:
+        record({"event": "diverged", "step": step, "reason": diverged})
     record({"event": "end", "step": step, "interrupted": interrupted, "elapsed_s": time.perf_counter() - start})
     metrics.close()
     plot = _plot(history, out_dir / "curves.png") if writer else None
@@ -202,6 +223,8 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
                "best_adapter": str(out_dir / "best") if best_step is not None else None,
                "last_adapter": str(out_dir / "last")}
     log(json.dumps(summary))
+    if diverged is not None:
+        raise ModaptError(f"training stopped: {diverged}; the last finite adapter is in {out_dir / 'last'}")
     return summary
 
 

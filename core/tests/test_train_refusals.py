@@ -1,0 +1,94 @@
+"""``modapt train`` refusals (issue 41): bad counts and rates, empty splits, an earlier run in
+--out, and a loop that stops on a non-finite loss or adapter, keeping the last finite one."""
+
+import json
+
+import pytest
+import torch
+
+from modapt.cli import main
+from modapt.testing.models import tiny_model_dir, write_sentiment_csv
+
+RECIPE = 'modules_to_save = ["score"]\n\n[[adapter]]\nmethod = "lora"\nr = 4\ntargets = ["q_proj", "v_proj"]\n'
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_refusals")
+    tiny_model_dir(root / "model")
+    write_sentiment_csv(root / "data.csv")
+    (root / "recipe.toml").write_text(RECIPE)
+    return root
+
+
+def _argv(workdir, out, *extra):
+    return ["train", "--recipe", str(workdir / "recipe.toml"), "--model", str(workdir / "model"),
+            "--data", str(workdir / "data.csv"), "--label-column", "sentiment", "--out", str(out),
+            "--batch-size", "4", "--no-progress", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "-5"], "--steps must be a finite number >= 0"),
+    (["--epochs", "-1"], "--epochs must be a finite number >= 0"),
+    (["--epochs", "nan"], "--epochs must be a finite number >= 0"),
+    (["--epochs", "inf"], "--epochs must be a finite number >= 0"),
+    (["--steps", "2", "--eval-every", "-1"], "--eval-every must be a finite number >= 0"),
+    (["--steps", "2", "--lr", "nan"], "--lr must be a positive finite number"),
+    (["--steps", "2", "--lr", "inf"], "--lr must be a positive finite number"),
+    (["--steps", "2", "--limit", "0"], "--limit 0 leaves no training examples"),
+    (["--steps", "2", "--limit", "-1"], "--limit must be a finite number >= 0"),
+])
+def test_bad_numbers_are_refused_in_one_line(workdir, extra, message, capsys):
+    out = workdir / "refused"
+    code = main(_argv(workdir, out, *extra))
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_one_row_file_is_refused_not_looped(workdir, capsys):
+    (workdir / "one.csv").write_text("text,sentiment\ngood film,1\n")
+    argv = _argv(workdir, workdir / "one", "--steps", "2")
+    argv[argv.index("--data") + 1] = str(workdir / "one.csv")
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and "no training examples" in err and "Traceback" not in err, err
+
+
+def test_earlier_run_is_refused_unless_overwrite(workdir, capsys):
+    out = workdir / "earlier"
+    (out / "best").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"event": "config"}\n')
+    code = main(_argv(workdir, out, "--steps", "1", "--eval-every", "0"))
+    err = capsys.readouterr().err
+    assert code == 1 and "holds an earlier run" in err and "--overwrite" in err
+    assert (out / "metrics.jsonl").read_text() == '{"event": "config"}\n'  # untouched
+    assert main(_argv(workdir, out, "--steps", "1", "--eval-every", "0", "--overwrite")) == 0
+    assert (out / "last" / "adapter_config.json").is_file()
+
+
+def test_divergence_stops_keeps_last_finite_adapter_and_exits_1(workdir, capsys):
+    out = workdir / "diverged"
+    code = main(_argv(workdir, out, "--steps", "50", "--eval-every", "0", "--lr", "1e30"))
+    err = capsys.readouterr().err
+    assert code == 1 and "training stopped: non-finite" in err and "at step" in err and "Traceback" not in err, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stop = [r for r in rows if r["event"] == "diverged"]
+    assert len(stop) == 1 and stop[0]["step"] < 50
+    import modapt
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(workdir / "model")
+    modapt.load(model, out / "last")
+    tensors = modapt.trainable_parameters(model)
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())
+
+
+def test_missing_matplotlib_names_the_extra(workdir, capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    out = workdir / "noplot"
+    assert main(_argv(workdir, out, "--steps", "1", "--eval-every", "0")) == 0
+    stdout = capsys.readouterr().out
+    assert "curves: not drawn" in stdout and "modapt[train]" in stdout and "curves: None" not in stdout
+    assert not (out / "curves.png").exists()
