@@ -74,7 +74,7 @@ def test_lr_sweep_tunes_on_validation_then_runs_seeds_and_resumes(tmp_path):
         assert len(row["val_by_epoch"]) == 3 and row["val_accuracy"] == max(row["val_by_epoch"])
         assert row["test_accuracy"] == row["test_by_epoch"][row["val_by_epoch"].index(row["val_accuracy"])]
     for method in ("head", "lora"):
-        # the chosen lr is the best seed-0 validation accuracy (ties to the smaller lr), written out
+        # the chosen lr: the best seed-0 validation accuracy (ties to the smaller lr), written out
         want = max((1e-3, 3e-3), key=lambda lr: (tuned[(method, lr)]["val_accuracy"], -lr))
         seed1 = [r for r in rows if r["method"] == method and r["seed"] == 1]
         assert [r["lr"] for r in seed1] == [want]

@@ -27,7 +27,8 @@ CONFIGS = {
     "pfeiffer": ({"placement": "pfeiffer", "activation": "relu", "reduction_factor": 16}, "pfeiffer", ("ffn",)),
     "parbn": ({"placement": "ffn", "input": "residual", "activation": "relu", "reduction_factor": 2, "scale": 4.0},
               "parallel", ("ffn",)),
-    "parallel": ({"placement": "parallel", "input": "residual", "activation": "relu", "reduction_factor": 2, "scale": 4.0},
+    "parallel": ({"placement": "parallel", "input": "residual", "activation": "relu", "reduction_factor": 2,
+                  "scale": 4.0},
                  "parallel", ("attn", "ffn")),
 }
 

@@ -99,8 +99,9 @@ def test_default_init_is_the_official_kaiming_uniform():
     torch.manual_seed(3)
     got = init_gates(circuit)
     torch.manual_seed(3)
-    want = torch.cat([torch.empty(o_a * o_b, i_a * i_b).uniform_(-math.sqrt(3 / (i_a * i_b)), math.sqrt(3 / (i_a * i_b)))
-                      .reshape(-1) for o_a, o_b, i_a, i_b in circuit.shapes])
+    bounds = [math.sqrt(3 / (i_a * i_b)) for _, _, i_a, i_b in circuit.shapes]
+    want = torch.cat([torch.empty(o_a * o_b, i_a * i_b).uniform_(-b, b).reshape(-1)
+                      for (o_a, o_b, i_a, i_b), b in zip(circuit.shapes, bounds)])
     torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
 
 

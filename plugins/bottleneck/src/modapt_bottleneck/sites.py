@@ -21,7 +21,7 @@ blocks, the LayerNorm applied after that addition:
 | --- | --- | --- | --- |
 | LLaMA-style | attn / ffn | ``input_layernorm`` / ``post_attention_layernorm`` | none |
 | GPT-2 | attn / ffn | ``ln_1`` / ``ln_2`` | none |
-| BERT | attn / ffn | ``attention`` / ``intermediate`` (= the sub-block input) | ``attention.output.LayerNorm`` / ``output.LayerNorm`` |
+| BERT | attn / ffn | ``attention`` / ``intermediate`` | ``attention.output.LayerNorm`` / ``output.LayerNorm`` |
 
 BERT is post-LayerNorm: its sub-block output is ``LayerNorm(dropout(dense(h)) + residual)``,
 so the adapter goes on ``dense``'s output, before dropout, the residual and the LayerNorm

@@ -13,8 +13,8 @@ W0 at the start while T itself is a generic (orthogonal) operator whose gradient
 degenerate. The paper's own formulation is the same: W = W0 + T_θ − S with S = T_θ0 frozen.
 
 Host keys: ``quanta_theta`` (parameter, [P]) and ``quanta_theta0`` (buffer, [P], saved with the
-adapter through :meth:`Quanta.extra_state`, with ``quanta_format_version`` [1] int64): every gate, flattened and concatenated in circuit
-order, P = Σ o_m·o_n·i_m·i_n.
+adapter through :meth:`Quanta.extra_state`, with ``quanta_format_version`` [1] int64): every
+gate, flattened and concatenated in circuit order, P = Σ o_m·o_n·i_m·i_n.
 """
 
 from __future__ import annotations
