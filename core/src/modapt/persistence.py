@@ -341,6 +341,10 @@ def _copy_in(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path
     targets = adapter_state_dict(model)
     missing = sorted(set(targets) - set(tensors))
     extra = sorted(set(tensors) - set(targets))
+    versioned = [m for m in missing if m.endswith("_format_version")]
+    if versioned:  # a method whose saved format changed records its version as a tensor (QuanTA)
+        raise AdapterLoadError(f"{directory}: '{versioned[0]}' is missing: this adapter was saved in an older, "
+                               "incompatible format of the method (see its README); retrain it")
     if missing:
         raise AdapterLoadError(f"{directory}: tensor '{missing[0]}' is missing from {WEIGHTS_NAME}"
                                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")
