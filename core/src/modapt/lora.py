@@ -118,6 +118,7 @@ class Lora(Update):
 
 LORA = Method(
     name="lora",
+    example={"method": "lora", "r": 4, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=LoraOptions,
     build=Lora,
