@@ -17,6 +17,7 @@ VERA_PEFT = {
 
 VERA = modapt.Method(
     name="vera",
+    example={"method": "vera", "r": 8, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=VeraOptions,
     build=Vera,
