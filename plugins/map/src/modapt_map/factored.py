@@ -96,9 +96,8 @@ class MapFactored(torch.autograd.Function):
 
     The magnitudes are computed here too: a = α/‖W0‖ and b = β/max(‖ΔW‖, eps) with
     ‖ΔW‖² = ⟨LᵀL, R Rᵀ⟩, the contract's closed form (k×k work, in the factors' dtype),
-    and their backward is written out. Every aten call counts: on the 1B shape of the benchmark
-    the eager step is bound by the host issuing ops (H200: 409 ms of host time per step against
-    170 ms of kernels before this was trimmed), so no call is made that returns its input
+    and their backward is written out. Every aten call counts: on large shapes the eager step
+    is bound by the host issuing ops (README, "Measurement history"), so no call is made that returns its input
     (``.to`` of the same dtype), 0-dim operands enter the kernels as they are (a float32 0-dim
     tensor beside a bf16 [N, ·] one is rounded to bf16 inside the kernel, as ``.to`` would), and
     the reductions use the k-wide products already at hand (⟨g L, h⟩ = ⟨L, gᵀh⟩).
