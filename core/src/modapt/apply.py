@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers, quantized
+from . import layers, quantized, shared
 from . import targets as targets_mod
 from .adapted_layer import AdaptedLayer
 from .attachment import Attachment
@@ -87,8 +87,9 @@ def apply(model: nn.Module, recipe: Recipe | dict | str, *, registry: Registry |
     try:
         for param in model.parameters():
             param.requires_grad_(False)
-        for path, entry_path, spec in plan:
-            _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtype)
+        with shared.applying(model):  # methods may register cross-layer state (modapt.shared)
+            for path, entry_path, spec in plan:
+                _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtype)
         for path in _modules_to_save(model, recipe):
             state.modules_to_save.append(path)
             for param in model.get_submodule(path).parameters():
@@ -314,6 +315,7 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
             _set_submodule(model, path, host.unload_merged())
         state.layers.clear()
         state.unloaded = True
+        shared.drop(model)
         if not state.attachments:
             for name, param in model.named_parameters():
                 param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
@@ -358,6 +360,7 @@ def remove(model: nn.Module) -> nn.Module:
         _set_submodule(model, path, host.base_layer)
     for _, attachment in state.attachments.values():
         attachment.detach()
+    shared.drop(model)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
     del model.__dict__[STATE_ATTR]

@@ -25,9 +25,28 @@ class Update:
     All weights are canonical, [out, in] (see :mod:`modapt.layers`).
     """
 
+    #: Capability read by fused paths (MAP's one-node layer): ``forward(x)`` is exactly
+    #: ``input_dropout(x) @ Rᵀ @ Lᵀ`` with ``(L, R) = factors()``, and the factors are cheap
+    #: (k×in and out×k work). Not inherited: each class declares it in its own body, since a
+    #: subclass may change ``forward`` (see ``__init_subclass__``).
+    fused_low_rank: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.fused_low_rank = bool(cls.__dict__.get("fused_low_rank", False))
+
     def __init__(self, host: nn.Module, options):
         self.host = host
         self.options = options
+
+    @property
+    def input_dropout(self) -> nn.Module | None:
+        """The dropout module applied to the update's input ``x`` (on the host), or ``None``.
+
+        Fused paths read it to know whether dropout acts on this call (they keep the general
+        path when it does); the module's name on the host is the update's own choice.
+        """
+        return None
 
     @property
     def base_layer(self) -> nn.Module:
