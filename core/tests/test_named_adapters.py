@@ -164,16 +164,16 @@ def test_combine_linear_matches_peft(world, registry):
     modapt.combine(multi, {"a": 0.7, "c": 0.3}, name="ac", how="linear")
     modapt.set_active(multi, "ac")
     peft_model = get_peft_model(tiny_llama().eval(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-                                adapter_name="a")
-    peft_model.add_adapter("c", LoraConfig(r=4, lora_alpha=16, target_modules=["up_proj", "down_proj"]))
-    live = dict(peft_model.named_parameters())
+                                adapter_name="x")
+    peft_model.add_adapter("y", LoraConfig(r=4, lora_alpha=16, target_modules=["up_proj", "down_proj"]))
+    live, peft_name = dict(peft_model.named_parameters()), {"a": "x", "c": "y"}
     with torch.no_grad():
         for name in ("a", "c"):
             for key, value in modapt.adapter_state_dict(ref[name]).items():
                 path, _, own = key.rpartition(".lora_")
                 factor, _, rest = own.partition(".")
-                live[f"base_model.model.{path}.lora_{factor}.{name}.{rest}"].copy_(value)
-    peft_model.add_weighted_adapter(["a", "c"], [0.7, 0.3], "ac", combination_type="linear")
+                live[f"base_model.model.{path}.lora_{factor}.{peft_name[name]}.{rest}"].copy_(value)
+    peft_model.add_weighted_adapter(["x", "y"], [0.7, 0.3], "ac", combination_type="linear")
     peft_model.set_adapter("ac")
     peft_model.eval()
     inputs = tiny_inputs(batch=3)
@@ -183,3 +183,32 @@ def test_combine_linear_matches_peft(world, registry):
         modapt.combine(multi, {"a": 0.5, "b": 0.5}, name="ab")
     modapt.delete(multi, "ac")
     assert modapt.adapters(multi) == ["a", "b", "c"]
+
+
+class _Recorder:
+    """A plugin whose after-step hook records the adapter holders it is shown."""
+
+    seen: list = []
+
+    @modapt.hookimpl
+    def modapt_after_optimizer_step(self, model, step):
+        self.seen.append(dict(modapt.state_of(model).layers))
+
+
+def test_training_hooks_see_the_active_adapters_only(world, registry):
+    _, multi, _ = world
+    recorder = _Recorder()
+    registry.register_plugin(recorder, name="recorder")
+    try:
+        modapt.set_active(multi, ["a", "c"])
+        modapt.after_optimizer_step(multi, 0, registry=registry)
+        modapt.set_active(multi, "b")
+        modapt.after_optimizer_step(multi, 1, registry=registry)
+    finally:
+        registry.unregister_plugin("recorder")
+    first, second = recorder.seen
+    every = dict(multi.named_modules())
+    assert all(every[key] is holder for key, holder in first.items())  # keyed by their module paths
+    assert sorted(k.rsplit(".", 1)[-1] for k in first if ".modapt_adapters." not in k) == ["q_proj"] * 2 + ["v_proj"] * 2
+    assert {k.split(".modapt_adapters.")[1] for k in first if ".modapt_adapters." in k} == {"c"}
+    assert {k.split(".modapt_adapters.")[1] for k in second} == {"b"} and len(second) == 6

@@ -76,6 +76,7 @@ class Named:
     active: list[str] = field(default_factory=list)
     disabled: int = 0
     rows: list | None = None  # [(name or None, index tensor [n_g])] inside ``rows``
+    view: object = None  # the AdapterState the training hooks see (active adapters only)
 
 
 def _apply_module():
@@ -192,6 +193,7 @@ def refresh(model: nn.Module) -> None:
             host._route = None  # the single-adapter fast path
         else:
             host._route = _forward_active
+    named.view = _active_view(model, named, names)
     for name, state in named.states.items():
         on = name in names
         for holder in state.layers.values():
@@ -200,6 +202,39 @@ def refresh(model: nn.Module) -> None:
         for path in state.modules_to_save:
             for param in model.get_submodule(path).parameters():
                 param.requires_grad_(on)
+
+
+def _active_view(model: nn.Module, named: Named, names: list[str]):
+    """One AdapterState over the active adapters, each holder keyed by its own module path
+    (``q_proj`` for the first adapter, ``q_proj.modapt_adapters.b`` for a further one), so that
+    hooks reading ``state_of(model).layers`` (AdaLoRA's allocator, MAP's schedule) see the active
+    adapters only. Rebuilt only when the active set changes (AdaLoRA caches on its identity)."""
+    apply_mod = _apply_module()
+    first = next(iter(named.states.values()))
+    view = apply_mod.AdapterState(first.recipe, name="+".join(names), requires_grad=first.requires_grad)
+    for name in names:
+        for path, holder in named.states[name].layers.items():
+            key = path if holder is model.get_submodule(path) else f"{path}.{SLOTS}.{name}"
+            view.layers[key] = holder
+            view.base_keys[key] = f"{path}.weight"
+    return view
+
+
+@contextlib.contextmanager
+def hook_view(model: nn.Module) -> Iterator[None]:
+    """Inside the block ``state_of(model)`` holds the active adapters only (training hooks);
+    a model with a single adapter and no ``modapt.named`` state is left as is (no cost)."""
+    named = model.__dict__.get(NAMED_ATTR)
+    if named is None or named.view is None:
+        yield
+        return
+    apply_mod = _apply_module()
+    before = model.__dict__[apply_mod.STATE_ATTR]
+    model.__dict__[apply_mod.STATE_ATTR] = named.view
+    try:
+        yield
+    finally:
+        model.__dict__[apply_mod.STATE_ATTR] = before
 
 
 def _own_parameters(holder: nn.Module):
