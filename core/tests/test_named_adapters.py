@@ -1,7 +1,6 @@
 """Several named adapters on one model (issue 36), checked against models holding one adapter each,
 one recipe holding both entries, the bare base, and PEFT's add_weighted_adapter."""
 
-import copy
 
 import pytest
 import torch
@@ -212,3 +211,17 @@ def test_training_hooks_see_the_active_adapters_only(world, registry):
     assert sorted(k.rsplit(".", 1)[-1] for k in first if ".modapt_adapters." not in k) == ["q_proj"] * 2 + ["v_proj"] * 2
     assert {k.split(".modapt_adapters.")[1] for k in first if ".modapt_adapters." in k} == {"c"}
     assert {k.split(".modapt_adapters.")[1] for k in second} == {"b"} and len(second) == 6
+
+
+def test_combine_cat_and_svd_are_the_weighted_sum(world):
+    """cat is Σ w_i ΔW_i exactly; svd at full rank too: both equal a and c active with c's ΔW scaled."""
+    _, multi, _ = world
+    modapt.set_active(multi, ["a", "c"])
+    inputs = tiny_inputs(batch=3)
+    with torch.no_grad():
+        summed = model_output(multi, inputs)
+        for how, rank in (("cat", None), ("svd", 8)):
+            modapt.combine(multi, {"a": 1.0, "c": 1.0}, name=how, how=how, svd_rank=rank)
+            modapt.set_active(multi, how)
+            torch.testing.assert_close(model_output(multi, inputs), summed, atol=1e-5, rtol=0)
+            modapt.delete(multi, how)
