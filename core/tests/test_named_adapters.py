@@ -225,3 +225,22 @@ def test_combine_cat_and_svd_are_the_weighted_sum(world):
             modapt.set_active(multi, how)
             torch.testing.assert_close(model_output(multi, inputs), summed, atol=1e-5, rtol=0)
             modapt.delete(multi, how)
+
+
+def test_merge_one_named_adapter(world, registry, tmp_path):
+    ref, _, root = world
+    modapt.save(ref["c"], tmp_path / "c")
+    model = modapt.load(tiny_llama().eval(), root / "a", name="a", registry=registry)
+    modapt.load(model, tmp_path / "c", name="c", registry=registry)
+    with pytest.raises(StateError, match="pass name="):
+        modapt.merge(model)
+    modapt.merge(model, name="c")
+    assert modapt.adapters(model) == ["a"] and modapt.active(model) == ["a"]
+    both = modapt.apply(tiny_llama(), {"adapter": [A, C]}, registry=registry).eval()
+    with torch.no_grad():
+        live = dict(both.named_parameters())
+        for name in ("a", "c"):
+            for key, value in modapt.adapter_state_dict(ref[name]).items():
+                live[key].copy_(value)
+        inputs = tiny_inputs(batch=3)
+        torch.testing.assert_close(model_output(model, inputs), model_output(both, inputs), atol=1e-5, rtol=0)

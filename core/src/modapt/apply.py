@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers, quantized
+from . import layers, named, quantized
 from . import targets as targets_mod
 from .adapted_layer import AdaptedLayer
 from .attachment import Attachment
@@ -22,7 +22,6 @@ from .errors import ModaptError, PluginError, RecipeError, StateError, TargetErr
 from .recipe import AdapterSpec, Recipe, parse_recipe
 from .registry import Registry, default_registry
 from .update import Additive
-from . import named
 
 STATE_ATTR = "modapt_state"
 WEIGHT_FAMILIES = ("update", "reparam")

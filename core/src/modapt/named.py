@@ -479,10 +479,12 @@ def merge_named(model: nn.Module, name: str) -> None:
     from . import layers as layers_mod
 
     state = state_named(model, name)
-    if any(state.attachments for _ in [0]):
+    if state.attachments:
         raise StateError(f"adapter '{name}' holds attention/module adapters, which do not fold into weights")
     new = {}
     for path, holder in state.layers.items():
+        if layers_mod.is_quantized(holder.base_layer):
+            raise StateError(f"'{path}' is quantized: merge(name=) folds into a plain base only; nothing was changed")
         w0 = layers_mod.weight_of(holder.base_layer)
         w = holder.reparam.merged_weight(w0.float()).to(w0.dtype)
         if not torch.isfinite(w).all():
@@ -490,8 +492,6 @@ def merge_named(model: nn.Module, name: str) -> None:
         new[path] = w
     for path, holder in state.layers.items():
         base = holder.base_layer
-        if layers_mod.is_quantized(base):
-            raise StateError(f"'{path}' is quantized: merge one named adapter into a plain base only")
         base.weight.copy_(layers_mod.to_storage(base, new[path]))
     if len(adapters(model)) == 1:
         from .apply import remove
