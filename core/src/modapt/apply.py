@@ -88,6 +88,7 @@ def apply(model: nn.Module, recipe: Recipe | dict | str, name: str = "default", 
                              "modapt.remove(model) first to start over")
         named.add(model, recipe, name, registry, autocast_adapter_dtype)
         return model
+    model.__dict__.pop(named.NAMED_ATTR, None)  # left by a model whose adapters were all merged away
     plan = plan_targets(model, recipe, registry)
     state = AdapterState(recipe, requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
                          name=name)
@@ -336,6 +337,7 @@ def merge(model: nn.Module, unload: bool = True, *, name: str | None = None) -> 
             for name, param in model.named_parameters():
                 param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
             del model.__dict__[STATE_ATTR]
+            model.__dict__.pop(named.NAMED_ATTR, None)
     return model
 
 

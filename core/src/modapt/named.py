@@ -283,6 +283,8 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
         raise StateError(f"set_active got a name twice: {names}")
     if named.disabled:
         raise StateError("set_active inside modapt.disabled(model): leave the block first")
+    if any(h.merged for h in hosts(model).values()):
+        raise StateError("set_active on a merged model (modapt.unmerge first)")
     _check_summable(_holders(model, names))
     named.active = names
     refresh(model)
@@ -292,6 +294,8 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block every adapter is off: the base model's outputs, bit for bit."""
     _check_no_attachments(model, "modapt.disabled")
+    if any(h.merged for h in hosts(model).values()):
+        raise StateError("modapt.disabled on a merged model: its base weights hold W* (modapt.unmerge first)")
     named = named_of(model)
     before = list(named.active)
     named.disabled += 1
@@ -313,6 +317,8 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     caller's batch must have ``len(names)`` rows (checked at every adapted layer).
     """
     _check_no_attachments(model, "modapt.rows")
+    if any(h.merged for h in hosts(model).values()):
+        raise StateError("modapt.rows on a merged model (modapt.unmerge first)")
     named = named_of(model)
     names = list(names)
     for name in names:
@@ -354,6 +360,8 @@ def add(model: nn.Module, recipe, name: str, registry, autocast_adapter_dtype: b
     named = named_of(model)
     if named.disabled or named.rows is not None:
         raise StateError("cannot add an adapter inside modapt.disabled or modapt.rows")
+    if any(h.merged for h in hosts(model).values()):
+        raise StateError(f"cannot add adapter '{name}' to a merged model (modapt.unmerge first)")
     plan = _plan_on_base(model, recipe, registry)
     # the base flags from before the first adapter, so that remove() restores them whichever stays
     state = apply_mod.AdapterState(recipe, name=name, requires_grad=_state_of(model).requires_grad)
