@@ -122,7 +122,16 @@ class Reparam:
 
 
 class Additive(Reparam):
-    """``W = W0 + ΔW``: the default reparam (LoRA is ``additive(lora)``)."""
+    """``W = W0 + ΔW``: the default reparam (LoRA is ``additive(lora)``).
+
+    ``sums_with_others``: several active adapters on one layer add their ΔW x to one W0 x + b
+    (:mod:`modapt.named`); an update declaring ``rescales_weight = True`` (ΔW = T·W0, a
+    multiplicative form) opts out and must be the layer's only active adapter.
+    """
+
+    @property
+    def sums_with_others(self) -> bool:
+        return not getattr(self.update, "rescales_weight", False)
 
     def forward(self, x, *args, **kwargs):
         whole = self.update.layer_output(x, self.base_layer, *args, **kwargs)
