@@ -133,7 +133,7 @@ def test_save_one_then_load_alone(world, registry, tmp_path):
     ref, multi, _ = world
     modapt.save(multi, tmp_path / "b", name="b")
     from safetensors.torch import load_file
-    assert set(load_file(tmp_path / "b" / "adapter_model.safetensors")) == set(modapt.adapter_state_dict(ref["b"]))
+    assert set(load_file(tmp_path / "b" / "modapt_adapter.safetensors")) == set(modapt.adapter_state_dict(ref["b"]))
     alone = modapt.load(tiny_llama().eval(), tmp_path / "b", registry=registry)
     assert modapt.adapters(alone) == ["b"]  # the folder remembers its name
     inputs = tiny_inputs(batch=3)
