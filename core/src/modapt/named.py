@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import shared
 from .adapted_layer import AdaptedLayer
 from .errors import StateError
 from .update import Additive
@@ -386,7 +387,9 @@ def add(model: nn.Module, recipe, name: str, registry, autocast_adapter_dtype: b
                                  base.weight, autocast_adapter_dtype, layer=base)
 
             try:
-                with torch.device(base.weight.device):
+                # the apply-time context: a method's state shared across layers (VeRA's A, B) is
+                # found or made on the model, as in apply
+                with torch.device(base.weight.device), shared.applying(model):
                     apply_mod.build_weight_adapter(slot, spec, registry, place=place_new)
             except ValueError as exc:
                 from .errors import RecipeError

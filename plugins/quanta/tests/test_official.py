@@ -133,13 +133,18 @@ def test_a_folder_saved_before_the_official_order_is_refused(registry, tmp_path)
     fresh = nn.Sequential(nn.Linear(48, 48))
     fresh[0].load_state_dict(model[0].base_layer.state_dict())
     assert torch.equal(modapt.load(fresh, tmp_path, registry=registry)[0].quanta_format_version, torch.tensor([2]))
-    # rewrite the folder as format 1 wrote it: the same tensors without the version
-    tensors = {k: v for k, v in load_file(tmp_path / "adapter_model.safetensors").items()
+    # rewrite the folder as format 1 wrote it: the same tensors without the version, in the
+    # format-1 file names (adapter_config.json + adapter_model.safetensors)
+    tensors = {k: v for k, v in load_file(tmp_path / "modapt_adapter.safetensors").items()
                if not k.endswith("quanta_format_version")}
     blob = save(tensors, metadata={"format": "pt"})
+    config = json.loads((tmp_path / "modapt_adapter.json").read_text())
+    for name in ("modapt_adapter.safetensors", "modapt_adapter.json"):
+        (tmp_path / name).unlink()
     (tmp_path / "adapter_model.safetensors").write_bytes(blob)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    config["weights"].update(sha256=hashlib.sha256(blob).hexdigest(), count=len(tensors))
+    config["format_version"] = 1
+    config["weights"] = {"file": "adapter_model.safetensors", "sha256": hashlib.sha256(blob).hexdigest(),
+                         "count": len(tensors)}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     base = nn.Sequential(nn.Linear(48, 48))
     base[0].load_state_dict(model[0].base_layer.state_dict())
