@@ -39,22 +39,12 @@ TARGETS = ["q_proj", "v_proj"]
 def _bases() -> list[dict]:
     """One valid recipe per installed method (an explicit update, preset-free)."""
     out = [{"adapter": [{"method": "lora", "r": 4, "targets": TARGETS}], "modules_to_save": ["lm_head"]}]
-    candidates = {
-        "flora": {"method": "flora", "r": 4, "targets": TARGETS},
-        "lorma": {"method": "lorma", "r": 4, "targets": TARGETS},
-        "quanta": {"method": "quanta", "targets": TARGETS},
-        "ia3": {"method": "ia3", "targets": TARGETS},
-        "adalora": {"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 10, "targets": TARGETS},
-        "map": {"method": "map", "targets": TARGETS, "update": {"method": "lora", "r": 4}},
-        "dora": {"method": "dora", "targets": TARGETS, "update": {"method": "lora", "r": 4}},
-        "additive": {"method": "additive", "targets": TARGETS, "update": {"method": "lora", "r": 4}},
-        "lmam": {"method": "lmam"},
-        "bottleneck": {"method": "bottleneck"},
-    }
+    # every installed method's own example (Method.example): no list of method names here
     installed = modapt.registry.default_registry().methods
-    for name, entry in candidates.items():
-        if name in installed and (entry.get("update") is None or entry["update"]["method"] in installed):
-            out.append({"adapter": [entry]})
+    for name, method in sorted(installed.items()):
+        entry = method.example
+        if name != "lora" and entry is not None and (entry.get("update") is None or entry["update"]["method"] in installed):
+            out.append({"adapter": [copy.deepcopy(entry)]})
     out.append({"adapter": [{"method": "lora", "r": 2, "targets": ["q_proj"]},
                             {"method": "lora", "r": 2, "targets": ["k_proj"]}]})
     out.append({"preset": "pair", "overrides": {"lora": {"r": 2}}})

@@ -8,6 +8,16 @@ to a JSONL file as each run ends, so an interrupted study keeps what it finished
     python examples/study/run.py --runs lora:1,lora:8,lomap:8 --seeds 0 --out docs/study
     python examples/study/run.py --report docs/study/runs.jsonl      # table + plot for docs/results.md
 
+The tuned comparison (``--sweep``): per method × rank, the lr is chosen from ``--lrs`` (default
+1e-4, 3e-4, 1e-3, 3e-3) on the validation split only, with seed 0; then the other ``--seeds`` run
+at the chosen lr (seed 0's tuning run is reused); ``--epochs`` (3 for the sweep) with the epoch
+chosen on validation (test accuracy reported at that epoch). One lr for every adapter tensor:
+MAP's α/β and LMAM's tensors share the grid (no separate lr). Resumable from
+``OUT/sweep.jsonl``; ``--parallel N`` runs N cells at once, each in its own process (one GPU).
+
+    python examples/study/run.py --sweep --runs lora:1,lomap:1 --seeds 0,1,2 --epochs 3 --parallel 8
+    python examples/study/run.py --sweep-report docs/study/sweep.jsonl   # tuned table + val-acc/lr plot
+
 ``--gguf`` and ``--csv`` point at the model and data files directly (the GPU machine has
 neither package installed); by default they come from the embedded packages.
 """
@@ -97,6 +107,8 @@ def run_one(base, tokenizer, data, method: str, r: int, seed: int, args, device:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     losses, step, start = [], 0, time.perf_counter()
+    per_epoch = max(1, int(len(train_set) / config.batch_size))  # steps of one epoch
+    epochs: list[dict] = []  # (val, test) at each epoch end, under --per-epoch
     model.train()
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda")
     while step < total:
@@ -116,15 +128,27 @@ def run_one(base, tokenizer, data, method: str, r: int, seed: int, args, device:
             scheduler.step()
             losses.append(loss.item())
             step += 1
+            if getattr(args, "per_epoch", False) and (step % per_epoch == 0 or step == total):
+                with autocast:
+                    epochs.append({"step": step, "val": evaluate(model, tokenizer, val_set, config)["accuracy"],
+                                   "test": evaluate(model, tokenizer, test_set, config)["accuracy"]})
+                model.train()
             if step >= total:
                 break
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    with autocast:
-        val = evaluate(model, tokenizer, val_set, config)
-        test = evaluate(model, tokenizer, test_set, config)
-    return {"method": method, "r": r, "seed": seed, "steps": total, "epochs": args.epochs, "lr": args.lr,
+    seconds = time.perf_counter() - start  # includes the per-epoch evaluations under --per-epoch
+    if epochs:  # the epoch chosen on validation (the first of equals); test read there, never chosen on
+        best = max(range(len(epochs)), key=lambda i: (epochs[i]["val"], -i))
+        val, test = {"accuracy": epochs[best]["val"]}, {"accuracy": epochs[best]["test"]}
+    else:
+        best = None
+        with autocast:
+            val = evaluate(model, tokenizer, val_set, config)
+            test = evaluate(model, tokenizer, test_set, config)
+    extra = {"epoch": best + 1, "val_by_epoch": [e["val"] for e in epochs],
+             "test_by_epoch": [e["test"] for e in epochs]} if epochs else {}
+    return {"method": method, "r": r, "seed": seed, "steps": total, "epochs": args.epochs, "lr": args.lr, **extra,
             "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"],
             "loss_auc": sum(losses) / len(losses),  # area under the loss curve per step (same steps for all)
             "final_loss": statistics.mean(losses[-20:]), "trainable": sum(p.numel() for p in params),
@@ -241,12 +265,145 @@ def report(path: Path, out_md: Path | None) -> str:
     return text
 
 
-def finished(results: Path) -> set[tuple[str, int, int]]:
-    """(method, r, seed) of the cells already in ``results`` (errors are not results)."""
+def finished(results: Path, with_lr: bool = False) -> set[tuple]:
+    """(method, r, seed) of the cells already in ``results`` (errors are not results); with their
+    lr appended when ``with_lr`` (the sweep runs one cell at several lrs)."""
     if not results.exists():
         return set()
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    return {(row["method"], row["r"], row["seed"]) for row in rows if "error" not in row}
+    return {(row["method"], row["r"], row["seed"], *((row["lr"],) if with_lr else ()))
+            for row in rows if "error" not in row}
+
+
+SWEEP_LRS = "1e-4,3e-4,1e-3,3e-3"
+SWEEP_FILE = "sweep.jsonl"
+
+
+def chosen_lrs(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """(method, r) -> the lr of the best seed-0 validation accuracy (its best epoch); ties go to the smaller lr."""
+    best: dict[tuple[str, int], tuple[float, float]] = {}
+    for row in rows:
+        if row["seed"] != 0 or "error" in row:
+            continue
+        key, score = (row["method"], row["r"]), (row["val_accuracy"], -row["lr"])
+        if key not in best or score > best[key]:
+            best[key] = score
+    return {key: -score[1] for key, score in best.items()}
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_sweep(args, argv: list[str]) -> int:
+    """The lr sweep: seed 0 at every lr of ``--lrs`` per cell, then the other seeds at the chosen lr.
+
+    Each run is a child process (``--parallel`` at a time) writing one line to OUT/sweep.jsonl;
+    finished (method, r, seed, lr) runs are skipped, so an interrupted sweep resumes.
+    """
+    out = Path(args.out)
+    results = out / SWEEP_FILE
+    lrs = [float(x) for x in args.lrs.split(",")]
+    cells = [(m, int(r)) for m, r in (cell.split(":") for cell in args.runs.split(","))]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    keep = _strip(argv, {"--runs", "--seeds", "--parallel", "--sweep", "--lr", "--lrs", "--redo"})
+    extra = ["--per-epoch", "--results", SWEEP_FILE]
+    tune = [(m, r, 0, lr) for m, r in cells for lr in lrs]
+    failed = _pool(tune, args, keep, extra, finished(results, with_lr=True))
+    chosen = chosen_lrs(_read_rows(results))
+    final = [(m, r, seed, chosen[(m, r)]) for seed in seeds if seed != 0 for m, r in cells if (m, r) in chosen]
+    failed += _pool(final, args, keep, extra, finished(results, with_lr=True))
+    print(sweep_report(results, out / "sweep.md"))
+    return 1 if failed else 0
+
+
+def _strip(argv: list[str], skip: set[str]) -> list[str]:
+    """argv without the options in ``skip`` (and their values)."""
+    keep, it = [], iter(argv)
+    flags = {"--sweep", "--redo", "--per-epoch"}
+    for a in it:
+        name = a.split("=")[0]
+        if name in skip:
+            if "=" not in a and name not in flags:
+                next(it, None)
+            continue
+        keep.append(a)
+    return keep
+
+
+def _pool(jobs: list[tuple], args, keep: list[str], extra: list[str], done: set) -> int:
+    """Run each (method, r, seed, lr) not in ``done`` as a child process, ``--parallel`` at a time; the failures."""
+    import os
+    import subprocess
+
+    out = Path(args.out)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    jobs = [j for j in jobs if args.redo or j not in done]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MODAPT_STUDY_CONCURRENT=str(args.parallel))
+    running, failed = [], 0
+    while jobs or running:
+        while jobs and len(running) < max(1, args.parallel):
+            m, r, seed, lr = jobs.pop(0)
+            log = open(out / "logs" / f"{m}-r{r}-s{seed}-lr{lr:g}.log", "w")
+            cmd = [sys.executable, __file__, *keep, *extra, "--runs", f"{m}:{r}", "--seeds", str(seed), "--lr", str(lr)]
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), (m, r, seed, lr)))
+            print(f"started {m}:{r} seed {seed} lr {lr:g}", flush=True)
+        time.sleep(0.2)
+        for proc, job in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, job))
+                failed += proc.returncode != 0
+                print(f"finished {job[0]}:{job[1]} seed {job[2]} lr {job[3]:g} (exit {proc.returncode})", flush=True)
+    return failed
+
+
+def sweep_report(path: Path, out_md: Path | None) -> str:
+    """The tuned table (each cell at its chosen lr, mean ± std over seeds), the paired verdicts at
+    those lrs, and a plot of seed-0 validation accuracy against lr per method (``OUT/sweep.png``)."""
+    rows = [row for row in _read_rows(path) if "error" not in row]
+    chosen = chosen_lrs(rows)
+    cells: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if chosen.get((row["method"], row["r"])) == row["lr"]:
+            cells.setdefault((row["method"], row["r"]), []).append(row)
+
+    def ms(values):
+        return f"{100 * statistics.mean(values):.1f}" + (f" ± {100 * statistics.stdev(values):.1f}"
+                                                         if len(values) > 1 else "")
+
+    lines = ["| method | r | lr (chosen on val) | seeds | test acc % | val acc % | loss AUC | epochs chosen |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (method, r), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(f"| {method} | {r} | {chosen[(method, r)]:g} | {len(runs)} | "
+                     f"{ms([x['test_accuracy'] for x in runs])} | {ms([x['val_accuracy'] for x in runs])} | "
+                     f"{statistics.mean(x['loss_auc'] for x in runs):.4f} | "
+                     f"{','.join(str(x.get('epoch', '-')) for x in sorted(runs, key=lambda x: x['seed']))} |")
+    text = "\n".join(lines + [""] + claims(cells))
+    if out_md is not None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6, 3.8))
+            for method, r in sorted({(x["method"], x["r"]) for x in rows}, key=lambda k: (k[1], k[0])):
+                pts = sorted((x["lr"], 100 * x["val_accuracy"]) for x in rows
+                             if (x["method"], x["r"], x["seed"]) == (method, r, 0))
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} r={r}")
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel("validation accuracy % (seed 0, best epoch)")
+            ax.legend(fontsize=7, ncol=2)
+            fig.tight_layout()
+            fig.savefig(out_md.with_suffix(".png"), dpi=100)
+            plt.close(fig)
+        except ImportError:
+            pass
+        out_md.write_text(text + "\n")
+    return text
 
 
 def run_parallel(args, argv: list[str]) -> int:
@@ -312,10 +469,22 @@ def main(argv=None) -> int:
                         help="run K cells at once, each in a process of its own (one GPU serves several: "
                              "this regime is launch-bound); step times are then under contention")
     parser.add_argument("--redo", action="store_true", help="rerun cells already in runs.jsonl")
+    parser.add_argument("--sweep", action="store_true",
+                        help="tune the lr per cell on validation (seed 0, --lrs), then run --seeds at the chosen lr")
+    parser.add_argument("--lrs", default=SWEEP_LRS, help="the sweep's lr grid (every adapter tensor shares it)")
+    parser.add_argument("--sweep-report", default=None, help="aggregate a sweep.jsonl and exit")
+    parser.add_argument("--per-epoch", action="store_true",
+                        help="evaluate at each epoch end; report the epoch best on validation")
+    parser.add_argument("--results", default="runs.jsonl", help="results file name inside --out")
     args = parser.parse_args(argv)
     if args.report:
         print(report(Path(args.report), Path(args.report).with_name("table.md")))
         return 0
+    if args.sweep_report:
+        print(sweep_report(Path(args.sweep_report), Path(args.sweep_report).with_name("sweep.md")))
+        return 0
+    if args.sweep:
+        return run_sweep(args, argv if argv is not None else sys.argv[1:])
     if args.parallel > 1:
         return run_parallel(args, argv if argv is not None else sys.argv[1:])
     import os
@@ -332,12 +501,12 @@ def main(argv=None) -> int:
         train_set = train_set.subset(range(min(args.limit, len(train_set))))
         val_set, test_set = val_set.subset(range(min(args.limit, len(val_set)))), test_set.subset(
             range(min(args.limit, len(test_set))))
-    results = out / "runs.jsonl"
-    done = set() if args.redo else finished(results)
+    results = out / args.results
+    done = set() if args.redo else finished(results, with_lr=args.per_epoch)
     for seed in [int(s) for s in args.seeds.split(",")]:
         for cell in args.runs.split(","):
             method, r = cell.split(":")
-            if (method, int(r), seed) in done:
+            if (method, int(r), seed, *((args.lr,) if args.per_epoch else ())) in done:
                 continue
             try:
                 row = run_one(base, tokenizer, (train_set, val_set, test_set), method, int(r), seed, args, device)

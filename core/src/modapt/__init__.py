@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 # light at import (pydantic and pluggy, no torch): what plugins need to declare themselves
 from .errors import AdapterLoadError, ModaptError, PluginError, RecipeError, StateError, TargetError
 from .hookspecs import hookimpl, hookspec
+from .named import active, adapters, combine, delete, disabled, rows, set_active
 from .methods import Capabilities, Method, Options
 from .registry import Registry, default_registry, use_registry
 
@@ -94,8 +95,8 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running fr
 __all__ = [
     "AdaptedLayer", "AdapterLoadError", "AdapterSpec", "AdapterState", "Additive", "Attachment", "Capabilities",
     "Method", "ModaptError", "Options", "PluginError", "Recipe", "RecipeError", "Registry", "Reparam",
-    "StateError", "TargetError", "Update", "adapter_info", "adapter_state_dict", "after_optimizer_step", "apply",
+    "StateError", "TargetError", "Update", "active", "adapter_info", "adapters", "combine", "delete", "disabled", "adapter_state_dict", "after_optimizer_step", "apply",
     "before_optimizer_step", "default_registry", "hookimpl", "hookspec", "is_adapted", "load", "merge",
-    "parse_recipe", "read_recipe_file", "regularization_loss", "remove", "save", "state_of",
+    "parse_recipe", "read_recipe_file", "regularization_loss", "remove", "rows", "save", "set_active", "state_of",
     "trainable_parameters", "unmerge", "use_registry", "write_recipe",
 ]

@@ -33,6 +33,9 @@ class AdaptedLayer(nn.Module):
         self.update = None  # set by modapt.apply; plain objects, their tensors live on self
         self.reparam = None
         self.merged = False
+        # None: the single-adapter path below; set by modapt.named when several adapters,
+        # ``disabled`` or ``rows`` need routing (a function of (layer, x, ...))
+        self._route = None
         # the original weight while merged, for a bit-exact unmerge; a buffer so that .to()
         # moves it, non-persistent so that it never reaches a state dict or an adapter file
         self.register_buffer("_w0_backup", None, persistent=False)
@@ -60,6 +63,8 @@ class AdaptedLayer(nn.Module):
     def forward(self, x, *args, **kwargs):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if self._route is not None:
+            return self._route(self, x, *args, **kwargs)
         return self.reparam.forward(x, *args, **kwargs)
 
     @torch.no_grad()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import layers, quantized
+from . import layers, named, quantized, shared
 from . import targets as targets_mod
 from .adapted_layer import AdaptedLayer
 from .attachment import Attachment
@@ -48,6 +48,7 @@ class AdapterState:
     modules_to_save: list[str] = field(default_factory=list)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     unloaded: bool = False
+    name: str = "default"
 
 
 def state_of(model: nn.Module) -> AdapterState:
@@ -62,8 +63,8 @@ def is_adapted(model: nn.Module) -> bool:
     return model.__dict__.get(STATE_ATTR) is not None
 
 
-def apply(model: nn.Module, recipe: Recipe | dict | str, *, registry: Registry | None = None,
-          autocast_adapter_dtype: bool = True) -> nn.Module:
+def apply(model: nn.Module, recipe: Recipe | dict | str, name: str = "default", *,
+          registry: Registry | None = None, autocast_adapter_dtype: bool = True) -> nn.Module:
     """Adapt ``model`` in place as ``recipe`` says and return the same object.
 
     Every adapted layer is replaced, at the same attribute path, by an :class:`AdaptedLayer`
@@ -75,20 +76,29 @@ def apply(model: nn.Module, recipe: Recipe | dict | str, *, registry: Registry |
     autocast_adapter_dtype: as PEFT's option of the same name: adapter parameters of a
         float16/bfloat16 base are kept in float32 (MAP's scalars and AdaLoRA's scores need
         the precision); otherwise they take the base weight's dtype.
+    name: the adapter's name. The first adapter of a model has today's flat parameter names;
+        a further one (a new name on an adapted model) is added beside it, inactive until
+        ``set_active`` (see :mod:`modapt.named`); a name the model holds is an error.
     """
     registry = registry or default_registry()
     recipe = parse_recipe(recipe, registry)
     if is_adapted(model):
-        raise StateError("this model already has modapt adapters; one recipe per model "
-                         "(modapt.remove(model) first to start over)")
+        if state_of(model).unloaded:
+            raise StateError("the weight adapters of this model were merged and unloaded; "
+                             "modapt.remove(model) first to start over")
+        named.add(model, recipe, name, registry, autocast_adapter_dtype)
+        return model
+    model.__dict__.pop(named.NAMED_ATTR, None)  # left by a model whose adapters were all merged away
     plan = plan_targets(model, recipe, registry)
-    state = AdapterState(recipe, requires_grad={n: p.requires_grad for n, p in model.named_parameters()})
+    state = AdapterState(recipe, requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+                         name=name)
     model.__dict__[STATE_ATTR] = state
     try:
         for param in model.parameters():
             param.requires_grad_(False)
-        for path, entry_path, spec in plan:
-            _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtype)
+        with shared.applying(model):  # methods may register cross-layer state (modapt.shared)
+            for path, entry_path, spec in plan:
+                _build(model, state, path, entry_path, spec, registry, autocast_adapter_dtype)
         for path in _modules_to_save(model, recipe):
             state.modules_to_save.append(path)
             for param in model.get_submodule(path).parameters():
@@ -261,7 +271,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for path, host in state.layers.items():
         for name, param in host.named_parameters():
-            if not name.startswith("base_layer."):
+            if not name.startswith(("base_layer.", f"{named.SLOTS}.")):
                 out[f"{path}.{name}"] = param
         for key, tensor in host.update.extra_state().items():
             out[f"{path}.{key}"] = tensor
@@ -283,7 +293,7 @@ def _attachment_parameters(model, state, path):
             yield full, param
 
 
-def merge(model: nn.Module, unload: bool = True) -> nn.Module:
+def merge(model: nn.Module, unload: bool = True, *, name: str | None = None) -> nn.Module:
     """Fold every mergeable adapter into the base weights; returns the same model.
 
     ``unload=True`` puts plain layers back at the same paths (PEFT's ``merge_and_unload``);
@@ -292,7 +302,17 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
     Attention and module adapters stay active (their ``Attachment.merge`` precomputes
     constants). Raises :class:`StateError` on NaN/Inf in a merged weight, before any layer
     is changed.
+
+    ``name=``: fold that one named adapter into the base weights for good and delete it
+    (the model's other adapters stay, now over W0 + ΔW_name); ``unload`` does not apply. With
+    several adapters and no name, the call is refused (say which).
     """
+    if name is not None:
+        named.merge_named(model, name)
+        return model
+    if len(named.adapters(model)) > 1:
+        raise StateError(f"the model holds adapters {', '.join(named.adapters(model))}: "
+                         "pass name= to merge one of them")
     state = state_of(model)
     if state.unloaded:
         raise StateError("the weight adapters of this model were already merged and unloaded")
@@ -314,10 +334,12 @@ def merge(model: nn.Module, unload: bool = True) -> nn.Module:
             _set_submodule(model, path, host.unload_merged())
         state.layers.clear()
         state.unloaded = True
+        shared.drop(model)
         if not state.attachments:
             for name, param in model.named_parameters():
                 param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
             del model.__dict__[STATE_ATTR]
+            model.__dict__.pop(named.NAMED_ATTR, None)
     return model
 
 
@@ -352,15 +374,19 @@ def remove(model: nn.Module) -> nn.Module:
     """Take every adapter off without merging: the model is the base model again (same weights,
     same ``requires_grad`` flags as before ``apply``)."""
     state = state_of(model)
-    for path, host in list(state.layers.items()):
+    # several named adapters: every wrapped layer goes, whichever adapter it holds
+    layers_ = named.hosts(model) if named.NAMED_ATTR in model.__dict__ else state.layers
+    for path, host in list(layers_.items()):
         if host.merged:
             host.unmerge()
         _set_submodule(model, path, host.base_layer)
     for _, attachment in state.attachments.values():
         attachment.detach()
+    shared.drop(model)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))
     del model.__dict__[STATE_ATTR]
+    model.__dict__.pop(named.NAMED_ATTR, None)
     return model
 
 

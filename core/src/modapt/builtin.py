@@ -23,6 +23,7 @@ def _build(host, options, update):
 def modapt_register_methods(register):
     register(Method(
         name="additive",
+        example={"method": "additive", "targets": ["q_proj", "v_proj"], "update": {"method": "lora", "r": 4}},
         family="reparam",
         options=AdditiveOptions,
         build=_build,

@@ -18,7 +18,19 @@ Rules every hook shares:
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
 import pluggy
+
+if TYPE_CHECKING:  # annotations only: methods/recipe/registry import this module
+    import torch
+    from torch import nn
+
+    from .methods import Method
+    from .recipe import Recipe
+    from .registry import Registry
 
 PROJECT = "modapt"
 
@@ -26,8 +38,26 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
+class RegisterMethod(Protocol):
+    """The ``register`` callback of :func:`modapt_register_methods`."""
+
+    def __call__(self, method: Method) -> None: ...
+
+
+class RegisterPreset(Protocol):
+    """The ``register`` callback of :func:`modapt_register_presets`."""
+
+    def __call__(self, name: str, recipe: Mapping[str, Any], *, citation: str, description: str = "") -> None: ...
+
+
+class RegisterCommand(Protocol):
+    """The ``register`` callback of :func:`modapt_register_commands`."""
+
+    def __call__(self, name: str, configure: Callable[[argparse.ArgumentParser], None], *, help: str) -> None: ...
+
+
 @hookspec
-def modapt_register_methods(register):
+def modapt_register_methods(register: RegisterMethod) -> None:
     """Register the adapter methods this plugin provides.
 
     Called once per registry, when the registry is first used (loading is lazy).
@@ -43,7 +73,7 @@ def modapt_register_methods(register):
 
 
 @hookspec
-def modapt_register_presets(register):
+def modapt_register_presets(register: RegisterPreset) -> None:
     """Register named compositions (presets) of methods.
 
     Called once per registry, after every plugin's methods are registered. Only the composers
@@ -57,7 +87,7 @@ def modapt_register_presets(register):
 
 
 @hookspec
-def modapt_register_commands(register):
+def modapt_register_commands(register: RegisterCommand) -> None:
     """Add subcommands to the one ``modapt`` command line.
 
     Called when the CLI starts, before arguments are parsed.
@@ -74,7 +104,7 @@ def modapt_register_commands(register):
 
 
 @hookspec
-def modapt_validate_recipe(recipe, registry):
+def modapt_validate_recipe(recipe: Recipe, registry: Registry) -> None:
     """Check a resolved recipe before any model is touched.
 
     Called by :func:`modapt.recipe.parse_recipe` after every adapter entry was validated on its
@@ -90,7 +120,7 @@ def modapt_validate_recipe(recipe, registry):
 
 
 @hookspec
-def modapt_regularization_loss(model):
+def modapt_regularization_loss(model: nn.Module) -> torch.Tensor | None:
     """Contribute a term to the training loss (AdaLoRA's orthogonality regulariser).
 
     Called by :func:`modapt.regularization_loss` once per training step, for every plugin;
@@ -103,7 +133,7 @@ def modapt_regularization_loss(model):
 
 
 @hookspec
-def modapt_before_optimizer_step(model, step):
+def modapt_before_optimizer_step(model: nn.Module, step: int) -> None:
     """Act after ``backward()`` and before ``optimizer.step()``.
 
     Called by :func:`modapt.before_optimizer_step` (the training loop and the
@@ -117,7 +147,7 @@ def modapt_before_optimizer_step(model, step):
 
 
 @hookspec
-def modapt_after_optimizer_step(model, step):
+def modapt_after_optimizer_step(model: nn.Module, step: int) -> None:
     """Act after ``optimizer.step()`` and before gradients are zeroed.
 
     Called by :func:`modapt.after_optimizer_step`, for every plugin. AdaLoRA's importance
@@ -130,7 +160,7 @@ def modapt_after_optimizer_step(model, step):
 
 
 @hookspec
-def modapt_prepare_export(model, task):
+def modapt_prepare_export(model: nn.Module, task: str) -> None:
     """Make a plugin's modules traceable by ``torch.onnx.export(dynamo=True)``.
 
     Called by the exporter on a merged model just before export, for every plugin. LMAM
@@ -143,7 +173,7 @@ def modapt_prepare_export(model, task):
 
 
 @hookspec
-def modapt_patch_onnx(onnx_model, model, task):
+def modapt_patch_onnx(onnx_model: Any, model: nn.Module, task: str) -> None:
     """Patch the exported ONNX graph (an :class:`onnx.ModelProto`) in place.
 
     Called by the exporter after ``torch.onnx.export`` and before verification, for every
@@ -158,7 +188,7 @@ def modapt_patch_onnx(onnx_model, model, task):
 
 
 @hookspec
-def modapt_describe():
+def modapt_describe() -> dict[str, Any] | None:
     """Describe this plugin for ``modapt plugins``.
 
     Called when the plugin list is shown, for every plugin.

@@ -41,6 +41,8 @@ def scaling(options) -> float:
 class Lora(Update):
     """ΔW = s · B A. ``forward`` costs two thin matmuls; ΔW is never built in training."""
 
+    fused_low_rank = True  # forward = dropout(x) Aᵀ (s·B)ᵀ with factors() = (s·B, A)
+
     def __init__(self, host: nn.Module, options: LoraOptions):
         super().__init__(host, options)
         out_f, in_f = layers.dims_of(host.base_layer)
@@ -60,6 +62,10 @@ class Lora(Update):
                 nn.init.zeros_(host.lora_B.weight)
         dropout = options.dropout if not self.is_embedding else 0.0
         host.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def input_dropout(self):
+        return self.host.lora_dropout
 
     def forward(self, x, base_out, base_layer):
         a, b = self.host.lora_A, self.host.lora_B
@@ -112,6 +118,7 @@ class Lora(Update):
 
 LORA = Method(
     name="lora",
+    example={"method": "lora", "r": 4, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=LoraOptions,
     build=Lora,

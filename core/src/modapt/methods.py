@@ -107,6 +107,10 @@ class Method:
         ``targets`` (LMAM targets every attention module by default).
     default_update: for a reparam, the update table used when an entry gives none (DoRA: LoRA).
     peft: optional description of PEFT's format for this method (used by modapt-export).
+    example: one adapter-table entry (``{"method": name, ...}``) that is a valid, small recipe
+        entry on :func:`modapt.testing.tiny_llama` (weight methods name ``q_proj``/``v_proj``
+        targets); the repository's shared tests (recipe fuzzing, composers, merges) build their
+        recipes from it, so a new plugin is covered without editing any list.
     """
 
     name: str
@@ -119,6 +123,7 @@ class Method:
     default_targets: Callable[[Any], list[str]] | None = None
     default_update: dict[str, Any] | None = None
     peft: Any = None
+    example: dict[str, Any] | None = None
     # filled in by the registry: the distribution and plugin that registered it
     distribution: str = field(default="", compare=False)
     plugin: str = field(default="", compare=False)

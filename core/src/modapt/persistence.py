@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .apply import adapter_state_dict, apply, remove, state_of
+from . import named as named_mod
+from .apply import adapter_state_dict, apply, is_adapted, remove, state_of
 from .atomic_folder import replace_folder, resolve
 from .errors import AdapterLoadError, ModaptError, StateError
 from .fingerprint import FINGERPRINT_ALGORITHM, QuantizedStored, fingerprint, first_mismatch
@@ -120,7 +121,8 @@ def base_weight_getter(model: nn.Module):
     return get
 
 
-def save(model: nn.Module, directory: str | os.PathLike, *, registry: Registry | None = None) -> Path:
+def save(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
+         registry: Registry | None = None) -> Path:
     """Write the model's adapter to ``directory`` (created if needed), replacing it atomically; return its path.
 
     ``modapt_adapter.safetensors`` holds exactly the adapter tensors, named as in
@@ -133,7 +135,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
     do not look for. The old folder is swapped for the new one in one step
     (:mod:`modapt.atomic_folder`): a reader sees one complete save or the other, and a second
     process saving into the same folder at the same time fails with ``FolderBusyError``.
+    ``name``: which adapter of a model holding several (the folder gets that one alone, under
+    single-adapter tensor names, and remembers the name); ``None``: the only one.
     """
+    with named_mod.viewing(model, name) as state:
+        return _save(model, directory, state.name, registry)
+
+
+def _save(model: nn.Module, directory: str | os.PathLike, name: str, registry: Registry | None) -> Path:
     from safetensors.torch import save as st_save
 
     registry = registry or default_registry()
@@ -147,6 +156,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
     config: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "name": name,
         "recipe": state.recipe.to_dict(),
         "versions": {"modapt": _version("modapt"), **{d: _version(d) for d in dists if d != "modapt"}},
         "base_model": {
@@ -297,17 +307,24 @@ def expected_fingerprint(config: dict[str, Any], directory: Path) -> dict[str, d
     return tensors
 
 
-def load(model: nn.Module, directory: str | os.PathLike, *, registry: Registry | None = None,
-         verify_base: bool = True, autocast_adapter_dtype: bool = True) -> nn.Module:
+def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None, *,
+         registry: Registry | None = None, verify_base: bool = True,
+         autocast_adapter_dtype: bool = True) -> nn.Module:
     """Apply the adapter saved in ``directory`` to a base ``model`` and load its tensors.
 
     Every check runs before the model changes, and a failure after ``apply`` undoes it, so
     on error the model is left as it was. ``verify_base=False`` skips the fingerprint check
     (for a base in another dtype than the one trained on, say); shapes are always checked.
+    ``name``: the adapter's name on the model (default: the name saved in the folder, else
+    "default"); on a model that has adapters it is added beside them (a name it holds is an error).
     """
     registry = registry or default_registry()
     directory = resolve(Path(directory))
     config = read_config(directory)
+    name = name if name is not None else config.get("name") or named_mod.DEFAULT_NAME
+    if is_adapted(model) and name in named_mod.adapters(model):
+        raise AdapterLoadError(f"{directory}: the model already has an adapter named '{name}' "
+                               "(pass another name= or modapt.delete it first)")
     try:
         recipe = parse_recipe(config["recipe"], registry)
     except ModaptError as exc:
@@ -323,16 +340,18 @@ def load(model: nn.Module, directory: str | os.PathLike, *, registry: Registry |
         if problem:
             raise AdapterLoadError(f"{directory}: {problem} (pass verify_base=False to load anyway)")
     tensors = read_tensors(directory, config)
-    apply(model, recipe, registry=registry, autocast_adapter_dtype=autocast_adapter_dtype)
+    alone = not is_adapted(model)
+    apply(model, recipe, name, registry=registry, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
         if verify_base and not expected and state_of(model).base_keys:
             # "touches no base tensor" (attachments only) was recorded, but the recipe does touch some
             raise AdapterLoadError(f"{directory}: the adapter records no base fingerprint, but its recipe adapts "
                                    "base weights: the base it was trained on is unknown (pass verify_base=False "
                                    "to load anyway)")
-        _copy_in(model, tensors, directory)
+        with named_mod.viewing(model, name):
+            _copy_in(model, tensors, directory)
     except BaseException:
-        remove(model)
+        remove(model) if alone else named_mod.delete(model, name)
         raise
     return model
 
@@ -342,6 +361,10 @@ def _copy_in(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path
     targets = adapter_state_dict(model)
     missing = sorted(set(targets) - set(tensors))
     extra = sorted(set(tensors) - set(targets))
+    versioned = [m for m in missing if m.endswith("_format_version")]
+    if versioned:  # a method whose saved format changed records its version as a tensor (QuanTA)
+        raise AdapterLoadError(f"{directory}: '{versioned[0]}' is missing: this adapter was saved in an older, "
+                               "incompatible format of the method (see its README); retrain it")
     if missing:
         raise AdapterLoadError(f"{directory}: tensor '{missing[0]}' is missing from {WEIGHTS_NAME}"
                                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")

@@ -33,7 +33,7 @@ import pydantic
 
 from .errors import PluginError, RecipeError, did_you_mean
 from .methods import Options
-from .registry import KNOWN_DISTRIBUTIONS, Registry, default_registry
+from .registry import Registry, default_registry, distribution_of
 from .targets import check_regex
 
 TOP_LEVEL_KEYS = ("adapter", "preset", "overrides", "modules_to_save")
@@ -241,7 +241,7 @@ class _Parser:
         data = copy.deepcopy(preset.recipe)
         missing = sorted({m for m in _methods_in(data) if m not in self.registry.methods})
         if missing:
-            dists = sorted({KNOWN_DISTRIBUTIONS.get(m, f"the plugin providing '{m}'") for m in missing})
+            dists = sorted({distribution_of(m) for m in missing})
             raise self.error(
                 f"preset '{name}' needs the methods {', '.join(missing)}, which are not installed; "
                 f"install {', '.join(dists)}", path)

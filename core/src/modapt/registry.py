@@ -24,19 +24,12 @@ from .methods import FAMILIES, Method
 ENTRY_POINT_GROUP = "modapt"
 HOOK_PREFIX = "modapt_"
 
-# Subcommands and methods that come with distributions of this project: a missing one is named
-# in the error, so the user knows what to install.
-KNOWN_DISTRIBUTIONS = {
-    "map": "modapt-map",
-    "lorma": "modapt-lorma",
-    "lmam": "modapt-lmam",
-    "dora": "modapt-dora",
-    "adalora": "modapt-adalora",
-    "flora": "modapt-flora",
-    "quanta": "modapt-quanta",
-    "bottleneck": "modapt-bottleneck",
-    "lora": "modapt",
-}
+
+def distribution_of(method: str) -> str:
+    """The distribution that provides ``method`` among this project's: ``modapt-<method>``
+    (``lora``/``additive``: the core ``modapt``). Used only to name what to install in an
+    error; which plugins exist is known from entry points alone, never from a list."""
+    return "modapt" if method in ("lora", "additive") else f"modapt-{method}"
 
 
 @dataclass
@@ -240,8 +233,8 @@ class Registry:
     def unknown_method_message(self, name: str) -> str:
         installed = ", ".join(sorted(self._methods)) or "none"
         hint = did_you_mean(name, self._methods)
-        dist = KNOWN_DISTRIBUTIONS.get(name)
-        if dist and not hint:
+        dist = distribution_of(name)
+        if not hint:
             hint = f" — install {dist} (pip install {dist})"
         return f"unknown method '{name}'; installed: {installed}{hint}"
 

@@ -18,13 +18,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .named import hook_view
 from .registry import Registry, default_registry
 
 
 def regularization_loss(model: nn.Module, *, registry: Registry | None = None) -> torch.Tensor:
     """The sum of every plugin's regularisation term for ``model`` (a 0-dim tensor, 0 if none)."""
     registry = registry or default_registry()
-    terms = [t for t in registry.call("modapt_regularization_loss", model=model) if t is not None]
+    with hook_view(model):  # several named adapters: the hooks act on the active ones only
+        terms = [t for t in registry.call("modapt_regularization_loss", model=model) if t is not None]
     if not terms:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         return torch.zeros((), device=device)
@@ -33,9 +35,11 @@ def regularization_loss(model: nn.Module, *, registry: Registry | None = None) -
 
 def before_optimizer_step(model: nn.Module, step: int, *, registry: Registry | None = None) -> None:
     """Let plugins act on the gradients of ``step`` before the optimizer uses them."""
-    (registry or default_registry()).call("modapt_before_optimizer_step", model=model, step=step)
+    with hook_view(model):
+        (registry or default_registry()).call("modapt_before_optimizer_step", model=model, step=step)
 
 
 def after_optimizer_step(model: nn.Module, step: int, *, registry: Registry | None = None) -> None:
     """Let plugins act after the optimizer step ``step`` (gradients still present)."""
-    (registry or default_registry()).call("modapt_after_optimizer_step", model=model, step=step)
+    with hook_view(model):
+        (registry or default_registry()).call("modapt_after_optimizer_step", model=model, step=step)

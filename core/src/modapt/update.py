@@ -25,9 +25,28 @@ class Update:
     All weights are canonical, [out, in] (see :mod:`modapt.layers`).
     """
 
+    #: Capability read by fused paths (MAP's one-node layer): ``forward(x)`` is exactly
+    #: ``input_dropout(x) @ Rᵀ @ Lᵀ`` with ``(L, R) = factors()``, and the factors are cheap
+    #: (k×in and out×k work). Not inherited: each class declares it in its own body, since a
+    #: subclass may change ``forward`` (see ``__init_subclass__``).
+    fused_low_rank: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.fused_low_rank = bool(cls.__dict__.get("fused_low_rank", False))
+
     def __init__(self, host: nn.Module, options):
         self.host = host
         self.options = options
+
+    @property
+    def input_dropout(self) -> nn.Module | None:
+        """The dropout module applied to the update's input ``x`` (on the host), or ``None``.
+
+        Fused paths read it to know whether dropout acts on this call (they keep the general
+        path when it does); the module's name on the host is the update's own choice.
+        """
+        return None
 
     @property
     def base_layer(self) -> nn.Module:
@@ -103,7 +122,16 @@ class Reparam:
 
 
 class Additive(Reparam):
-    """``W = W0 + ΔW``: the default reparam (LoRA is ``additive(lora)``)."""
+    """``W = W0 + ΔW``: the default reparam (LoRA is ``additive(lora)``).
+
+    ``sums_with_others``: several active adapters on one layer add their ΔW x to one W0 x + b
+    (:mod:`modapt.named`); an update declaring ``rescales_weight = True`` (ΔW = T·W0, a
+    multiplicative form) opts out and must be the layer's only active adapter.
+    """
+
+    @property
+    def sums_with_others(self) -> bool:
+        return not getattr(self.update, "rescales_weight", False)
 
     def forward(self, x, *args, **kwargs):
         whole = self.update.layer_output(x, self.base_layer, *args, **kwargs)

@@ -150,10 +150,10 @@ def test_a_module_that_is_not_a_block_is_a_clear_error(registry):
 
 
 def test_unknown_placement_and_activation_name_the_accepted_values(registry):
-    with pytest.raises(modapt.RecipeError, match="series.*parallel.*ffn"):
+    with pytest.raises(modapt.RecipeError, match="series.*parallel.*ffn.*pfeiffer"):
         modapt.apply(tiny_llama(), _recipe("serial"), registry=registry)
     with pytest.raises(modapt.RecipeError, match="relu"):
-        modapt.apply(tiny_llama(), _recipe("ffn", activation="swish"), registry=registry)
+        modapt.apply(tiny_llama(), _recipe("ffn", activation="softsign"), registry=registry)
 
 
 def test_adapter_ffn_trains_and_stays_after_merge(registry):

@@ -84,3 +84,24 @@ def test_fused_equals_general_path(family, precision, registry, monkeypatch):
     assert rel(y_f, y_r) <= 1.5 * rel(y_g, y_r) + 1e-3
     for name in g_g:
         assert rel(g_f[name], g_r[name]) <= 1.5 * rel(g_g[name], g_r[name]) + 1e-2, name
+
+
+def test_an_update_declaring_fused_low_rank_is_fused(registry):
+    """FLoRA (no list names it) declares fused_low_rank: DoRA over flora is one node, equal to the
+    general path in output and gradients (float32)."""
+    flora = pytest.importorskip("modapt_flora.plugin")
+    registry.register_plugin(flora, name="flora", distribution="modapt-flora")
+    recipe = {"adapter": [{"method": "dora", "targets": ["q_proj", "down_proj"],
+                           "update": {"method": "flora", "r": 4, "lora_alpha": 8.0}}]}
+    fused = modapt.apply(tiny_llama(task="causal-lm"), recipe, registry=registry)
+    perturb(fused, seed=5, scale=0.3)
+    general = copy.deepcopy(fused)
+    for host in modapt.state_of(general).layers.values():
+        host.reparam._fusable = False
+    layer = fused.model.layers[0].self_attn.q_proj
+    assert type(layer(torch.randn(2, 64)).grad_fn).__name__ == "DoraLoraBackward"
+    out_f, grad_f = run(fused, "fp32")
+    out_g, grad_g = run(general, "fp32")
+    assert rel(out_f, out_g) < 1e-5
+    for name in grad_g:
+        assert rel(grad_f[name], grad_g[name]) < 1e-4, name

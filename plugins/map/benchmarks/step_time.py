@@ -50,7 +50,8 @@ SIZES = {  # LlamaConfig fields
              "num_key_value_heads": 8, "vocab_size": 128256},  # Llama-3.2-1B's shapes
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ["peft-lora", "lora", "lomap", "lomap-general", "adalomap", "adalomap-general"]
+METHODS = ["peft-lora", "lora", "lomap", "lomap-general", "adalomap", "adalomap-general", "floramap",
+           "floramap-general"]
 
 
 def recipe(method: str, r: int, total_steps: int) -> dict:
@@ -60,7 +61,8 @@ def recipe(method: str, r: int, total_steps: int) -> dict:
     name = method.removesuffix("-general")
     if name == "lora":
         return {"adapter": [{**lora, "targets": TARGETS}]}
-    update = {"lomap": lora, "adalomap": adalora}[name]
+    flora = {"method": "flora", "r": r, "lora_alpha": float(2 * r)}
+    update = {"lomap": lora, "adalomap": adalora, "floramap": flora}[name]
     return {"adapter": [{"method": "map", "targets": TARGETS, "update": update}]}
 
 

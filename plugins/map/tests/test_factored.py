@@ -240,7 +240,7 @@ def test_subclasses_embeddings_and_extra_arguments_keep_the_general_path(reg):
     host = model.layer
     x, _ = inputs()
     assert compute_dtype(x, host, host.update) == torch.float32
-    host.update.__class__ = type("MyLora", (Lora,), {})
+    host.update.__class__ = type("MyLora", (Lora,), {})  # fused_low_rank is not inherited
     assert compute_dtype(x, host, host.update) is None
     emb = LayerHolder(nn.Embedding(20, OUT))
     modapt.apply(emb, {"adapter": [{"method": "map", "targets": ["layer"], "update": UPDATES["lora"]}]}, registry=reg)
@@ -326,3 +326,32 @@ def test_torch_compile_keeps_the_node_and_its_numbers(reg):
     torch.testing.assert_close(xx.grad, grads["x"], rtol=1e-6, atol=1e-6)
     for name, p in update_params(model.layer, "lora").items():
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-6, atol=1e-6)
+
+
+def test_an_update_declaring_fused_low_rank_takes_the_one_node_path(reg):
+    """FLoRA (another distribution, no list names it) declares the capability: map over flora is
+    one node, equal to the general path (forward and gradients)."""
+    import modapt_map.factored as factored
+
+    flora = pytest.importorskip("modapt_flora.plugin")
+    reg.register_plugin(flora, name="flora", distribution="modapt-flora")
+    UPDATES["flora"] = {"method": "flora", "r": 4, "lora_alpha": 16.0}
+    try:
+        model = adapted(reg, "linear", "flora")
+    finally:
+        del UPDATES["flora"]
+    x, _ = inputs()
+    y = model(x)
+    assert type(y.grad_fn).__name__ == "MapFactoredBackward"
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused = torch.autograd.grad(y.square().sum(), params)
+    factored.ENABLED = False
+    try:
+        y_ref = model(x)
+        ref = torch.autograd.grad(y_ref.square().sum(), params)
+    finally:
+        factored.ENABLED = True
+    assert type(y_ref.grad_fn).__name__ != "MapFactoredBackward"
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(fused, ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)

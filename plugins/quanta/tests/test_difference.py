@@ -69,12 +69,12 @@ def test_layer_input_gradient_is_the_adapted_weight_transposed(registry, out_f, 
 
 
 def _einsum_reference(host, x):
-    """The plain-einsum path: dropout(x) through T(θ) and T(θ0) (both differentiable in x)."""
+    """The plain-einsum path: dropout(x) through T(θ), x through T(θ0) (both differentiable in x)."""
     theta, theta0 = host.quanta_theta, host.quanta_theta0
     xd = host.quanta_dropout(x)
     base = host.base_layer(x)
     return base + (apply_circuit(host.update.circuit, theta, xd)
-                   - apply_circuit(host.update.circuit, theta0.to(theta.dtype), xd)).to(base.dtype)
+                   - apply_circuit(host.update.circuit, theta0.to(theta.dtype), x)).to(base.dtype)
 
 
 @pytest.mark.parametrize("out_f,in_f", [(48, 48), (96, 48), (48, 96)])
@@ -129,17 +129,26 @@ def test_only_the_input_is_saved_for_backward(registry):
     assert big and all(t.data_ptr() == x.data_ptr() for t in big)
 
 
-def test_dropout_mask_is_shared_by_both_circuits(registry):
+def test_dropout_acts_on_the_trainable_circuit_only(registry):
+    """Official placement: y = W0 x + T(θ) drop(x) − T(θ0) x (the official code merges T(θ0) into W0)."""
     model = _adapted(registry, 48, 48, [4, 3, 2, 2], dropout=0.3)
     host = model[0]
-    x = torch.randn(5, 48)
+    x = torch.randn(5, 48, requires_grad=True)
     torch.manual_seed(7)
     y = model(x)
     torch.manual_seed(7)
     xd = torch.nn.functional.dropout(x, 0.3)
-    with torch.no_grad():
-        ref = host.base_layer(x) + xd @ host.update.delta_weight(host.base_layer.weight).t()
+    t_theta = circuit_matrix(host.update.circuit, host.quanta_theta)
+    t_theta0 = circuit_matrix(host.update.circuit, host.quanta_theta0)
+    ref = host.base_layer(x) + xd @ t_theta.t() - x @ t_theta0.t()
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, host.quanta_theta), g),
+                         torch.autograd.grad(ref, (x, host.quanta_theta), g)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    model.eval()  # no dropout: ΔW x exactly
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), host.base_layer(x) + x @ (t_theta - t_theta0).t(), atol=1e-5, rtol=1e-5)
 
 
 def test_frozen_cache_follows_theta0(registry):

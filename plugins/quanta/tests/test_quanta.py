@@ -42,9 +42,10 @@ def _gate_matrix(gate, axis_a, axis_b, dims_before, dims_after):
 
 
 def _explicit_operator(in_dims, out_dims, flat):
-    """T(θ) = F_last ⋯ F_first, each F a full gate matrix; pairs (0,1), (0,2), …, (N−2, N−1)."""
+    """T(θ) = F_last ⋯ F_first, each F a full gate matrix; pairs in the official order (N−2, N−1), …, (0, 1)."""
     circuit = plan_circuit(in_dims, out_dims)
-    assert circuit.pairs == tuple(itertools.combinations(range(len(in_dims)), 2))
+    n = len(in_dims)
+    assert circuit.pairs == tuple((n + b, n + a) for a, b in itertools.combinations(range(-1, -n - 1, -1), 2))
     current = list(in_dims)
     total = torch.eye(math.prod(in_dims), dtype=torch.float64)
     for gate, (a, b) in zip(split_gates(circuit, flat.double()), circuit.pairs):
@@ -90,8 +91,22 @@ def test_init_equals_the_base_and_theta0_is_a_frozen_copy(registry):
     assert host.quanta_theta.grad.abs().sum() > 0
 
 
+def test_default_init_is_the_official_kaiming_uniform():
+    """Official: kaiming_uniform_(gate as [o_m·o_n, i_m·i_n], a=√5, nonlinearity='linear') = U(±√(3/fan_in))."""
+    from modapt_quanta.circuit import init_gates
+
+    circuit = plan_circuit([4, 3, 2], [2, 3, 4])
+    torch.manual_seed(3)
+    got = init_gates(circuit)
+    torch.manual_seed(3)
+    bounds = [math.sqrt(3 / (i_a * i_b)) for _, _, i_a, i_b in circuit.shapes]
+    want = torch.cat([torch.empty(o_a * o_b, i_a * i_b).uniform_(-b, b).reshape(-1)
+                      for (o_a, o_b, i_a, i_b), b in zip(circuit.shapes, bounds)])
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+
+
 def test_square_gates_start_orthogonal(registry):
-    model = modapt.apply(_layer(16, 16), _recipe(dims=[4, 2, 2]), registry=registry)
+    model = modapt.apply(_layer(16, 16), _recipe(dims=[4, 2, 2], init="orthogonal"), registry=registry)
     host = model[0]
     from modapt_quanta.circuit import circuit_matrix
 

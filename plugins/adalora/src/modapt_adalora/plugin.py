@@ -24,6 +24,7 @@ PEFT_FORMAT = {
 
 ADALORA = Method(
     name="adalora",
+    example={"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 10, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=AdaLoraOptions,
     build=AdaLora,

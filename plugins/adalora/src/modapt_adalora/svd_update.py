@@ -56,6 +56,12 @@ class AdaLora(Update):
         host.register_buffer("rank_pattern", torch.ones(r, dtype=torch.bool))
         host.lora_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
 
+    fused_low_rank = True  # forward = dropout(x) Rᵀ Lᵀ with (L, R) = factors()
+
+    @property
+    def input_dropout(self):
+        return self.host.lora_dropout
+
     def forward(self, x, base_out, base_layer):
         """ΔW x for x [..., in] -> [..., out]: two thin matmuls, c folded into the r values of Λ."""
         a, e, b = self.host.lora_A, self.host.lora_E, self.host.lora_B

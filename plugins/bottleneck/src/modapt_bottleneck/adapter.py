@@ -11,6 +11,7 @@ ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
     "silu": nn.SiLU,
+    "swish": nn.SiLU,  # AdapterHub's name for SiLU (Houlsby's default there)
     "tanh": nn.Tanh,
     "identity": nn.Identity,
 }

@@ -8,6 +8,15 @@ adapter branch ``up(dropout(act(down(·))))``, s: ``scale``):
 - ``parallel`` (He et al., 2021): beside both sub-blocks, reading their input:
   ``f(h) + s · A(h)``.
 - ``ffn`` (Adapter-FFN, He et al.'s scaled parallel adapter): ``parallel`` on the FFN only.
+- ``pfeiffer`` (Pfeiffer et al., 2021; AdapterHub's ``SeqBnConfig``): FFN only, reading the
+  stream after the residual addition (and, post-LN, after the block's LayerNorm) with the
+  sub-block output as skip: ``f(h) + s · A(LN(f(h) + r))`` (LN the identity in pre-LN blocks),
+  r the residual stream; the block then adds r (and applies LN) as usual.
+
+``input`` (parallel and ffn): ``"sublayer"`` reads h, the sub-block's own input (the normalised
+stream in pre-LN blocks: He et al.'s "same input as the sublayer", and LLM-Adapters' LLaMA code,
+whose parallel adapters sit beside q/k/v and the MLP projections); ``"residual"`` reads r, the
+residual stream before the norm (AdapterHub's ``ParallelAdapter``). They coincide in BERT.
 
 The adapters are child modules of the block, ``adapter_attn`` and ``adapter_ffn`` (keys
 ``<block>.adapter_ffn.down.weight`` [r, d], ``.down.bias`` [r], ``.up.weight`` [d, r],
@@ -26,19 +35,44 @@ from torch import nn
 from .adapter import ACTIVATIONS, BottleneckAdapter
 from .sites import Site, sites_of
 
-PLACEMENT_SITES = {"series": ("attn", "ffn"), "parallel": ("attn", "ffn"), "ffn": ("ffn",)}
+PLACEMENT_SITES = {"series": ("attn", "ffn"), "parallel": ("attn", "ffn"), "ffn": ("ffn",), "pfeiffer": ("ffn",)}
 #: He et al. (2021) scale the FFN parallel adapter by 4 (the LoRaDA papers use 2 and 4)
-DEFAULT_SCALE = {"series": 1.0, "parallel": 1.0, "ffn": 4.0}
+DEFAULT_SCALE = {"series": 1.0, "parallel": 1.0, "ffn": 4.0, "pfeiffer": 1.0}
+DEFAULT_R = 16
 
 
 class BottleneckOptions(modapt.Options):
-    placement: Literal["series", "parallel", "ffn"] = pydantic.Field(
-        "series", description="series (Houlsby), parallel (He et al.) or ffn (Adapter-FFN: parallel, FFN only)")
-    r: int = pydantic.Field(16, gt=0, description="bottleneck size (the down-projection's output dimension)")
+    placement: Literal["series", "parallel", "ffn", "pfeiffer"] = pydantic.Field(
+        "series", description="series (Houlsby), parallel (He et al.), ffn (Adapter-FFN: parallel, FFN only) "
+                              "or pfeiffer (AdapterHub's SeqBn: FFN only, after the residual addition)")
+    input: Literal["sublayer", "residual"] | None = pydantic.Field(
+        None, description="parallel and ffn only: what the adapter reads, the sub-block's input ('sublayer', "
+                          "default: He et al., LLM-Adapters) or the residual stream ('residual': AdapterHub)")
+    r: int | None = pydantic.Field(
+        None, gt=0, description="bottleneck size (the down-projection's output dimension); default 16")
+    reduction_factor: float | None = pydantic.Field(
+        None, gt=0, description="alternative to r, as AdapterHub: r = hidden size // reduction_factor (at least 1)")
     activation: Literal[tuple(ACTIVATIONS)] = pydantic.Field("relu", description="non-linearity inside the bottleneck")
     scale: float | None = pydantic.Field(
         None, description="factor on the adapter's output; default 1 (series, parallel) or 4 (ffn)")
     dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="dropout after the non-linearity")
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self):
+        if self.r is not None and self.reduction_factor is not None:
+            raise ValueError(f"r = {self.r} and reduction_factor = {self.reduction_factor} both given; give one")
+        if self.input is not None and self.placement not in ("parallel", "ffn"):
+            raise ValueError(f"input applies to the parallel and ffn placements, not placement = "
+                             f"{self.placement!r}")
+        return self
+
+    def size(self, d: int) -> int:
+        """The bottleneck size for hidden size ``d``: ``r``, else ``d // reduction_factor`` (≥ 1), else 16."""
+        if self.r is not None:
+            return self.r
+        if self.reduction_factor is not None:
+            return max(1, int(d // self.reduction_factor))
+        return DEFAULT_R
 
 
 def hidden_size(model: nn.Module) -> int:
@@ -56,7 +90,14 @@ def build(block: nn.Module, options: BottleneckOptions, model: nn.Module) -> Bot
     for name in PLACEMENT_SITES[options.placement]:
         if hasattr(block, f"adapter_{name}"):
             raise ValueError(f"{type(block).__name__} already has an 'adapter_{name}'")
+        if _reads_residual(options) and sites[name].residual is None:
+            raise ValueError(f"cannot find the residual stream of {type(block).__name__}'s {name} sub-block "
+                             f"(placement = {options.placement!r}, input = {options.input!r})")
     return BottleneckAttachment(block, options, sites, d)
+
+
+def _reads_residual(options: BottleneckOptions) -> bool:
+    return options.placement == "pfeiffer" or options.input == "residual"
 
 
 class BottleneckAttachment(modapt.Attachment):
@@ -67,17 +108,20 @@ class BottleneckAttachment(modapt.Attachment):
         self.scale = options.scale if options.scale is not None else DEFAULT_SCALE[options.placement]
         self.handles = []
         self.names = []
-        parallel = options.placement != "series"
         for name in PLACEMENT_SITES[options.placement]:
-            adapter = BottleneckAdapter(d, options.r, options.activation, options.dropout)
+            adapter = BottleneckAdapter(d, options.size(d), options.activation, options.dropout)
             key = f"adapter_{name}"
             block.add_module(key, adapter)
             self.names.append(key)
             site = sites[name]
-            if parallel:
-                self._hook_parallel(site, key)
-            else:
+            if options.placement == "series":
                 self.handles.append(site.output.register_forward_hook(self._series_hook(key)))
+            elif options.placement == "pfeiffer":
+                self._hook_pfeiffer(site, key)
+            elif options.input == "residual":
+                self._hook_stashed(site.residual, site.output, key, lambda f, r: r)
+            else:
+                self._hook_parallel(site, key)
 
     # The hooks look the adapter up on the block at call time: .to(), load_state_dict and
     # parameter replacement act on the registered child, never on a stale reference.
@@ -98,6 +142,18 @@ class BottleneckAttachment(modapt.Attachment):
             self.handles.append(site.output.register_forward_hook(hook, with_kwargs=True))
             return
         # BERT: the sub-block's input is seen by one module, its pre-residual output by another
+        self._hook_stashed(site.input, site.output, key, lambda f, h: h)
+
+    def _hook_pfeiffer(self, site: Site, key: str) -> None:
+        # AdapterHub's SeqBn: the adapter reads LN(f + r) (LN: the block's own post-LN norm, if any)
+        norm = site.norm
+
+        def adapter_input(f, r):
+            return norm(f + r) if norm is not None else f + r
+        self._hook_stashed(site.residual, site.output, key, adapter_input)
+
+    def _hook_stashed(self, source: nn.Module, target: nn.Module, key: str, adapter_input) -> None:
+        """``target``'s output f becomes f + s · A(adapter_input(f, x)), x the hidden states ``source`` last read."""
         stash: list = []
 
         def remember(module, args, kwargs):
@@ -106,11 +162,12 @@ class BottleneckAttachment(modapt.Attachment):
         def add(module, args, output):
             if not stash:
                 raise modapt.StateError(f"{key}: the sub-block output was computed without its input being seen")
-            branch = self._adapter(key)(stash.pop())
-            return _replace_first(output, _first(output) + self.scale * branch)
+            f = _first(output)
+            branch = self._adapter(key)(adapter_input(f, stash.pop()))
+            return _replace_first(output, f + self.scale * branch)
 
-        self.handles.append(site.input.register_forward_pre_hook(remember, with_kwargs=True))
-        self.handles.append(site.output.register_forward_hook(add))
+        self.handles.append(source.register_forward_pre_hook(remember, with_kwargs=True))
+        self.handles.append(target.register_forward_hook(add))
 
     def detach(self) -> None:
         for handle in self.handles:

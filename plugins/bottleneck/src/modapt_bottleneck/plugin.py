@@ -9,6 +9,7 @@ from .sites import find_blocks
 
 BOTTLENECK = modapt.Method(
     name="bottleneck",
+    example={"method": "bottleneck"},
     family="module",
     options=BottleneckOptions,
     build=build,

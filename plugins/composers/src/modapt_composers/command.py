@@ -7,7 +7,7 @@ import argparse
 import json
 
 from modapt import default_registry
-from modapt.registry import KNOWN_DISTRIBUTIONS
+from modapt.registry import distribution_of
 
 from .presets import PRESETS, methods_of
 
@@ -22,7 +22,7 @@ def presets_payload(registry) -> list[dict]:
         needed = methods_of(preset.recipe)
         methods = [{"name": m, "installed": m in installed,
                     "distribution": installed[m].distribution if m in installed
-                    else KNOWN_DISTRIBUTIONS.get(m, "")} for m in needed]
+                    else distribution_of(m)} for m in needed]
         out.append({"name": name, "citation": preset.citation, "description": preset.description,
                     "distribution": preset.distribution, "methods": methods,
                     "ready": all(m["installed"] for m in methods), "recipe": preset.recipe,

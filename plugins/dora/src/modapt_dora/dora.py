@@ -45,9 +45,10 @@ class Dora(Reparam):
         base = host.base_layer
         self.has_bias = getattr(base, "bias", None) is not None and layers.layer_kind(base) != "embedding"
         self._w0_sq = BaseRowNormCache()
-        # LoRA on a linear (or Conv1D) layer takes the fused path (modapt_dora.fused) when no
-        # dropout acts; anything else (embeddings, other updates, dropout) the general one
-        self._fusable = type(update) is Lora and not update.is_embedding
+        # an update declaring fused_low_rank (LoRA, AdaLoRA, FLoRA, VeRA...) on a linear (or Conv1D)
+        # layer takes the fused path (modapt_dora.fused) when no dropout acts; anything else
+        # (embeddings, other updates, dropout) the general one
+        self._fusable = update.fused_low_rank and layers.layer_kind(base) != "embedding"
         with torch.no_grad():
             w0 = layers.weight_of(base).float()
             magnitude = direct_row_norm(w0, update.delta_weight(w0))
@@ -110,8 +111,10 @@ class Dora(Reparam):
         if not autocast and x.dtype != w0.dtype:
             return None
         host = self.host
-        lora_a, lora_b = host.lora_A.weight, host.lora_B.weight
-        scaling = self.update.scaling
+        if isinstance(self.update, Lora):  # B and A as leaves, s inside the node: one op fewer
+            lora_a, lora_b, scaling = host.lora_A.weight, host.lora_B.weight, self.update.scaling
+        else:  # (L, R) = factors(): autograd carries the node's gradients back to the parameters
+            (lora_b, lora_a), scaling = self.update.factors(), 1.0
         with torch.no_grad():
             if autocast:
                 with torch.autocast(device, enabled=False):
@@ -133,8 +136,8 @@ class Dora(Reparam):
         return self._factor_norm(w0, lora_b * scaling, lora_a)
 
     def _active_dropout(self) -> nn.Module | None:
-        """The update's input dropout (``lora_dropout`` on the host) when it acts this call."""
-        dropout = getattr(self.host, "lora_dropout", None)
+        """The update's input dropout (``Update.input_dropout``) when it acts this call."""
+        dropout = self.update.input_dropout
         if not self.host.training or dropout is None or isinstance(dropout, nn.Identity):
             return None
         if isinstance(dropout, nn.Dropout) and dropout.p == 0:
@@ -145,12 +148,13 @@ class Dora(Reparam):
         """ΔW x̃ for an already dropped x̃: the update's own dropout is off for this call, so the
         base term and the update see the same mask (PEFT's semantics)."""
         modules = self.host._modules
-        saved = modules["lora_dropout"]
-        modules["lora_dropout"] = _IDENTITY
+        name = next(k for k, m in modules.items() if m is self.update.input_dropout)
+        saved = modules[name]
+        modules[name] = _IDENTITY
         try:
             return self.update.forward(dropped, dropped_out, self.base_layer)
         finally:
-            modules["lora_dropout"] = saved
+            modules[name] = saved
 
     # ------------------------------------------------------------------ merge
     def merged_weight(self, w0):

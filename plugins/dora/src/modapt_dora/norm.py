@@ -87,10 +87,8 @@ def direct_is_cheaper(w0: torch.Tensor) -> bool:
     The direct norm is 3 kernels (cast, ``addmm``, norm) but moves ~18 bytes per weight (bf16
     W0 read, an out×in float32 written, read back); the factored one moves ~2 (W0 read once)
     in ~20 small kernels (~30 with the refined rows). Where the host issuing kernels sets the
-    step time, kernels cost more than bytes: at the 135M shape, and at the ~1B shape too (H200,
-    B = 8, T = 1024: DoRA's eager step took 380 ms of host time per step against 250 ms of
-    kernels with the factored norm on the 2048×2048 and 2048×5632 layers; the direct norm there
-    adds ~18 GB of traffic, ~4 ms of kernel time a step, and removes ~20 launches per layer).
+    step time, kernels cost more than bytes: at the 135M shape, and at the ~1B shape too (the
+    README's measurement history has the figures).
     Layers above :data:`DIRECT_MAX_ELEMENTS` (7B-class widths), where the kernels are long
     enough to hide the host, keep the factored form.
     """

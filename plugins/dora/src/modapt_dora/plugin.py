@@ -30,6 +30,7 @@ PEFT_FORMAT = {
 
 DORA = modapt.Method(
     name="dora",
+    example={"method": "dora", "targets": ["q_proj", "v_proj"], "update": {"method": "lora", "r": 4}},
     family="reparam",
     options=DoraOptions,
     build=Dora,

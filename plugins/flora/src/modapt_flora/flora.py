@@ -52,6 +52,12 @@ class Flora(modapt.Update):
         host.register_parameter("flora_B", nn.Parameter(b))
         host.flora_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
 
+    fused_low_rank = True  # forward = dropout(x) Aᵀ (s·B G)ᵀ with (L, R) = factors()
+
+    @property
+    def input_dropout(self):
+        return self.host.flora_dropout
+
     def forward(self, x, base_out, base_layer):
         """x [..., in] -> s · B G A x [..., out]."""
         h = self.host

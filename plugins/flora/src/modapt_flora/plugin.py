@@ -8,6 +8,7 @@ from .flora import Flora, FloraOptions
 
 FLORA = modapt.Method(
     name="flora",
+    example={"method": "flora", "r": 4, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=FloraOptions,
     build=Flora,

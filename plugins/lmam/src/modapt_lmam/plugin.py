@@ -10,6 +10,7 @@ from .options import LmamOptions
 
 LMAM = modapt.Method(
     name="lmam",
+    example={"method": "lmam"},
     family="attention",
     options=LmamOptions,
     build=build,

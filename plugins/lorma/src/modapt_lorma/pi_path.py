@@ -22,10 +22,8 @@ N·out·in forward and N·out·in backward (∂x only)::
 
 ``choose`` takes the cheapest of the allowed paths, ties in the fixed order direct, weight,
 fft, so the choice is a pure function of the shapes, the token count and whether a graph is
-recorded: deterministic, and the same on every device. This replaces the per-device
-least-squares fit of the earlier version: with the weight path in the set, the choices that
-matter are decided by FLOP counts differing by integer factors, not by fitted constants, and
-CUDA needs no table of its own (it had none, so auto meant direct there).
+recorded: deterministic, and the same on every device: the choices that matter are decided
+by FLOP counts differing by integer factors, not by fitted constants.
 """
 
 from __future__ import annotations

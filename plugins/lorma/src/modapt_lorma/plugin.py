@@ -11,6 +11,7 @@ from .update import Lorma
 
 LORMA = Method(
     name="lorma",
+    example={"method": "lorma", "r": 4, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=LormaOptions,
     build=Lorma,

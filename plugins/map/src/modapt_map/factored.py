@@ -49,12 +49,6 @@ from torch import nn
 
 from .output import inner
 
-#: Updates whose ``forward(x)`` is exactly ``dropout(x) Rᵀ Lᵀ`` with ``(L, R) = factors()``, whose
-#: factors are cheap (k×in and out×k work) and whose input dropout, if any, is ``host.lora_dropout``.
-#: Named by module and qualified name (no import of the other distributions); a subclass is not
-#: in the set, as it may change the forward.
-FACTORED_UPDATES = frozenset({"modapt.lora.Lora", "modapt_adalora.svd_update.AdaLora"})
-
 #: Switch for measurements (``benchmarks/step_time.py`` runs each method both ways): ``False``
 #: sends every layer through the general path.
 ENABLED = True
@@ -67,7 +61,8 @@ def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dty
     general path's plain ops; torch.compile traces the node's forward and backward), the base is a plain
     ``nn.Linear``/``Conv1D`` called as such (:func:`modapt.layers.called_plainly`) with a frozen weight
     (the bias may train: its gradient is the sum of g over tokens), the
-    update is one of :data:`FACTORED_UPDATES`, and its input dropout is inactive (p = 0 or eval
+    update declares ``fused_low_rank`` (:class:`modapt.Update`: ``forward(x)`` is exactly
+    ``dropout(x) Rᵀ Lᵀ`` with cheap ``factors()``), and its ``input_dropout`` is inactive (p = 0 or eval
     mode: with dropout, R's gradient needs the dropped x and the base path the plain one, and
     storing both would cost more than the general path saves; dropout > 0 in training keeps it).
     """
@@ -76,12 +71,11 @@ def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dty
     base = host.base_layer
     if not layers.called_plainly(base):
         return None
-    cls = type(update)
-    if f"{cls.__module__}.{cls.__qualname__}" not in FACTORED_UPDATES:
+    if not update.fused_low_rank:
         return None
     if base.weight.requires_grad:
         return None
-    dropout = getattr(host, "lora_dropout", None)
+    dropout = update.input_dropout
     if dropout is not None and not isinstance(dropout, nn.Identity) and dropout.training:
         return None
     device = x.device.type
@@ -102,9 +96,8 @@ class MapFactored(torch.autograd.Function):
 
     The magnitudes are computed here too: a = α/‖W0‖ and b = β/max(‖ΔW‖, eps) with
     ‖ΔW‖² = ⟨LᵀL, R Rᵀ⟩, the contract's closed form (k×k work, in the factors' dtype),
-    and their backward is written out. Every aten call counts: on the 1B shape of the benchmark
-    the eager step is bound by the host issuing ops (H200: 409 ms of host time per step against
-    170 ms of kernels before this was trimmed), so no call is made that returns its input
+    and their backward is written out. Every aten call counts: on large shapes the eager step
+    is bound by the host issuing ops (README, "Measurement history"), so no call is made that returns its input
     (``.to`` of the same dtype), 0-dim operands enter the kernels as they are (a float32 0-dim
     tensor beside a bf16 [N, ·] one is rounded to bf16 inside the kernel, as ``.to`` would), and
     the reductions use the k-wide products already at hand (⟨g L, h⟩ = ⟨L, gᵀh⟩).

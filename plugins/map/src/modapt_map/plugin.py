@@ -10,6 +10,7 @@ from .schedule import rest_gradients
 
 MAP = modapt.Method(
     name="map",
+    example={"method": "map", "targets": ["q_proj", "v_proj"], "update": {"method": "lora", "r": 4}},
     family="reparam",
     options=MapOptions,
     build=Map,

@@ -3,8 +3,11 @@
 A vector x of size d_in = a_1 ⋯ a_N is read as a tensor x[i_1, …, i_N] (row-major, as
 ``x.reshape(a_1, …, a_N)``). A gate on axes (m, n) is a tensor G[o_m, o_n, i_m, i_n] acting
 as ``y[…, o_m, …, o_n, …] = Σ_{i_m, i_n} G[o_m, o_n, i_m, i_n] x[…, i_m, …, i_n, …]`` and as the
-identity on every other axis. The circuit applies one gate per pair of axes, in the order of
-``itertools.combinations(range(N), 2)``: (0,1), (0,2), …, (N−2, N−1), the first pair first.
+identity on every other axis. The circuit applies one gate per pair of axes in the order of the
+official code (quanta-fine-tuning/quanta, ``itertools.combinations(range(-1, -N-1, -1), 2)``):
+the two fastest-varying axes first, e.g. for N = 4 (2,3), (1,3), (0,3), (1,2), (0,2), (0,1).
+The gates do not commute, so the order is part of the method, not a free choice (modapt-quanta
+before format 2 applied the reverse order; see the README).
 
 For a layer with d_out ≠ d_in, the output is factorised too, d_out = b_1 ⋯ b_N, and each axis
 changes size at the *last* gate that touches it: that gate's output size on axis k is b_k,
@@ -51,7 +54,8 @@ def plan_circuit(in_dims: list[int], out_dims: list[int]) -> Circuit:
     if len(in_dims) != len(out_dims):
         raise ValueError(f"input axes {in_dims} and output axes {out_dims} differ in number")
     n = len(in_dims)
-    pairs = list(itertools.combinations(range(n), 2))
+    # official order: negative axes (dim1, dim2), dim1 the later one; stored as (m, n), m < n
+    pairs = [(n + d2, n + d1) for d1, d2 in itertools.combinations(range(-1, -n - 1, -1), 2)]
     last = {axis: max(k for k, p in enumerate(pairs) if axis in p) for axis in range(n)}
     current = list(in_dims)
     shapes = []
@@ -95,16 +99,23 @@ def circuit_matrix(circuit: Circuit, flat: torch.Tensor) -> torch.Tensor:
     return apply_circuit(circuit, flat, eye).t()
 
 
-def init_gates(circuit: Circuit) -> torch.Tensor:
-    """A flat θ0 [num_parameters]: every gate, as a matrix [o_m·o_n, i_m·i_n], (semi-)orthogonal.
+def init_gates(circuit: Circuit, init: str = "kaiming") -> torch.Tensor:
+    """A flat θ0 [num_parameters], each gate initialised as a matrix [o_m·o_n, i_m·i_n].
 
-    Orthogonal gates make T(θ0) an isometry for square layers, so no axis pair starts
-    amplified or silenced and every gate's gradient (the product of the others) is well
-    conditioned. Uses the global torch generator (seed it for reproducible adapters).
+    ``"kaiming"`` (the official code): Kaiming-uniform with the linear gain (the official
+    a = √5 is ignored by that gain), i.e. U(−√(3/fan_in), √(3/fan_in)): unit variance per
+    output, so T(θ0) keeps the input's norm in expectation. ``"orthogonal"``: (semi-)orthogonal gates, which make T(θ0)
+    an isometry for square layers, so no axis pair starts amplified or silenced. Uses the
+    global torch generator (seed it for reproducible adapters).
     """
     parts = []
     for o_a, o_b, i_a, i_b in circuit.shapes:
         m = torch.empty(o_a * o_b, i_a * i_b)
-        torch.nn.init.orthogonal_(m)
+        if init == "orthogonal":
+            torch.nn.init.orthogonal_(m)
+        elif init == "kaiming":
+            torch.nn.init.kaiming_uniform_(m, a=math.sqrt(5), nonlinearity="linear")
+        else:
+            raise ValueError(f"unknown init {init!r}; expected 'kaiming' or 'orthogonal'")
         parts.append(m.reshape(-1))
     return torch.cat(parts)

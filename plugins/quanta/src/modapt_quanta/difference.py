@@ -6,11 +6,12 @@ Two ideas keep it lean (the reference is :func:`modapt_quanta.circuit.apply_circ
 on two *adjacent* axes at positions (p, p+1) is one batched matmul with no copy:
 ``h.view(B, K, R·T)`` with B the product of the axes before p and R of those after p+1,
 ``out[b] = G [O, K] @ h[b]``. The gate's output axes are written *swapped* (rows of G
-reordered, free), so each gate is also an adjacent transposition of the layout; the circuit's
-pair order (0,1), (0,2), …, (N−2, N−1) is then exactly the bubble network that reverses the
-axes, and every gate finds its two axes adjacent. The first and the last gate sit at position
-0 (B = 1). Cost per circuit: one transposing copy in, N(N−1)/2 (b)mm, one permuting copy out,
-against einsum's copy + bmm per gate.
+reordered, free), so each gate is also an adjacent transposition of the layout. The input is
+laid out with its axes *reversed* [a_N, …, a_1, T]; the official pair order (N−2, N−1),
+(N−3, N−1), …, (0, 1) is then exactly the bubble network that restores the natural order, and
+every gate finds its two axes adjacent. The first and the last gate sit at position 0 (B = 1).
+Cost per circuit: one permuting copy in, N(N−1)/2 (b)mm, one transposing copy out, against
+einsum's copy + bmm per gate.
 
 **Both circuits at once.** θ and θ0 run stacked, h [2, axes…, T]: the first gate is one mm
 with the stacked matrix [G_θ; G_θ0] [2O, K] on the shared x^T; every middle gate one bmm over
@@ -65,7 +66,11 @@ class Schedule:
     def __init__(self, circuit: Circuit):
         self.circuit = circuit
         n = len(circuit.in_dims)
-        layout, size = list(range(n)), list(circuit.in_dims)
+        # reversed axes: the official pair order is then a bubble network (see the module header)
+        layout, size = list(reversed(range(n))), list(circuit.in_dims)
+        self.in_sizes = [circuit.in_dims[a] for a in layout]
+        self.in_perm = (*[1 + a for a in layout], 0)                   # [T, a_1…a_N] -> layout
+        self.in_back = (n, *[layout.index(a) for a in range(n)])      # layout [.., T] -> [T, a_1…a_N]
         steps, order, offset = [], [], 0
         for (m, q), shape in zip(circuit.pairs, circuit.shapes):
             p = min(layout.index(m), layout.index(q))
@@ -134,11 +139,18 @@ class Schedule:
         return out
 
 
-def _transposed(x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x2 [T, d] -> [d, T] contiguous in ``dtype`` (one copy, the cast fused in)."""
-    out = torch.empty((x2.shape[1], x2.shape[0]), dtype=dtype, device=x2.device)
-    out.copy_(x2.t())
+def _laid_out(schedule: Schedule, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x2 [T, d] -> [d, T] contiguous in ``dtype``, the d axes in the initial layout (reversed), one copy."""
+    t = x2.shape[0]
+    out = torch.empty((x2.shape[1], t), dtype=dtype, device=x2.device)
+    out.view(*schedule.in_sizes, t).copy_(x2.reshape(t, *schedule.circuit.in_dims).permute(schedule.in_perm))
     return out
+
+
+def _write_grad_x(schedule: Schedule, r: torch.Tensor, grad_x: torch.Tensor) -> None:
+    """r [d_in, T] in the initial layout, written into grad_x [T, d_in] in natural order."""
+    t = grad_x.shape[0]
+    grad_x.view(t, *schedule.circuit.in_dims).copy_(r.view(*schedule.in_sizes, t).permute(schedule.in_back))
 
 
 #: working memory one layer's pass may take (bytes); longer inputs run in chunks of tokens. The
@@ -160,7 +172,7 @@ def _forward(schedule: Schedule, mats: list[torch.Tensor], x2: torch.Tensor, dty
     y = torch.empty((x2.shape[0], math.prod(schedule.circuit.out_dims)), dtype=dtype, device=x2.device)
     starts, step = _chunks(schedule, x2.shape[0], dtype)
     for t0 in starts:
-        xt = _transposed(x2[t0:t0 + step], dtype)
+        xt = _laid_out(schedule, x2[t0:t0 + step], dtype)
         _forward_chunk(schedule, mats, xt, y[t0:t0 + step])
     return y
 
@@ -235,12 +247,12 @@ def _backward_chunk(schedule, mats, x2, grad_y, dtype, grad_x, want_theta):
     # g in the final layout [axesᵣ…, T]: the inverse of out_perm
     g = torch.empty((*schedule.final_sizes, t), dtype=dtype, device=x2.device)
     g.copy_(grad_y.reshape(t, *schedule.circuit.out_dims).permute(*_final_axes(schedule), 0))
-    xt = _transposed(x2, dtype)
+    xt = _laid_out(schedule, x2, dtype)
     if len(steps) == 1:
         s = steps[0]
         g = g.view(s.o, s.rest * t)
         if grad_x is not None:
-            grad_x.copy_((mats[0].t() @ g).view(-1, t).t())
+            _write_grad_x(schedule, mats[0].t() @ g, grad_x)
         return (g @ xt.view(s.k, s.rest * t).t()).reshape(-1) if want_theta else None
     halves = 2 if grad_x is not None else 1
     # recompute the θ circuit's gate inputs (θ halves of the stacked matrices)
@@ -275,7 +287,7 @@ def _backward_chunk(schedule, mats, x2, grad_y, dtype, grad_x, want_theta):
     if want_theta:
         grads[0] = s2[:first.o] @ xt.view(first.k, first.rest * t).t()
     if grad_x is not None:
-        grad_x.copy_((mats[0].t() @ s2).view(-1, t).t())
+        _write_grad_x(schedule, mats[0].t() @ s2, grad_x)
     return torch.cat([gr.reshape(-1) for gr in grads]) if want_theta else None
 
 

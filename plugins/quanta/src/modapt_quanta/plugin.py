@@ -8,6 +8,7 @@ from .quanta import Quanta, QuantaOptions
 
 QUANTA = modapt.Method(
     name="quanta",
+    example={"method": "quanta", "targets": ["q_proj", "v_proj"]},
     family="update",
     options=QuantaOptions,
     build=Quanta,

@@ -5,20 +5,23 @@ T(θ) is the operator of :mod:`modapt_quanta.circuit`: the input x [..., d_in] r
 Its rank is not limited by the gates' size (a product of full-rank gates is full-rank), which
 is the point of the method: high-rank updates at the parameter cost of small tensors.
 
+Dropout, as in the official code, acts on the trainable circuit's input only:
+``ΔW x = T(θ) drop(x) − T(θ0) x`` (the official code merges T(θ0) into W0, which sees x).
+
 ``θ0`` is a frozen copy of θ taken at initialisation, so ΔW = 0 and the adapted layer equals
 W0 at the start while T itself is a generic (orthogonal) operator whose gradients are not
 degenerate. The paper's own formulation is the same: W = W0 + T_θ − S with S = T_θ0 frozen.
 
 Host keys: ``quanta_theta`` (parameter, [P]) and ``quanta_theta0`` (buffer, [P], saved with the
-adapter through :meth:`Quanta.extra_state`): every gate, flattened and concatenated in circuit
-order, P = Σ o_m·o_n·i_m·i_n.
+adapter through :meth:`Quanta.extra_state`, with ``quanta_format_version`` [1] int64): every
+gate, flattened and concatenated in circuit order, P = Σ o_m·o_n·i_m·i_n.
 """
 
 from __future__ import annotations
 
 import math
 import weakref
-from typing import Annotated
+from typing import Annotated, Literal
 
 import modapt
 import pydantic
@@ -26,10 +29,13 @@ import torch
 from modapt import layers
 from torch import nn
 
-from .circuit import circuit_matrix, init_gates, plan_circuit
+from .circuit import apply_circuit, circuit_matrix, init_gates, plan_circuit
 from .difference import Schedule, circuit_difference
 from .factorization import factorize
 
+#: saved with every QuanTA layer as ``quanta_format_version``. 2: gates in the official order
+#: (format 1, without the tensor, applied them in reverse order: the same θ is another matrix)
+FORMAT_VERSION = 2
 DEFAULT_NUM_AXES = 4  # N = 4 in the paper's settings (LoRaDA-LMAM Table 17, from QuanTA)
 
 
@@ -40,7 +46,12 @@ class QuantaOptions(modapt.Options):
                     "another size is factored automatically into as many axes")
     num_axes: int | None = pydantic.Field(
         None, ge=2, description="N for the automatic factorisation (default 4, or len(dims))")
-    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    dropout: float = pydantic.Field(
+        0.0, ge=0.0, lt=1.0,
+        description="dropout on the input of the trainable circuit T(θ) only (the official placement)")
+    init: Literal["kaiming", "orthogonal"] = pydantic.Field(
+        "kaiming", description="gate initialisation: 'kaiming' (official: Kaiming-uniform, linear gain) "
+                               "or 'orthogonal' (each gate a (semi-)orthogonal matrix)")
 
     @pydantic.model_validator(mode="after")
     def _axes_agree(self):
@@ -103,9 +114,10 @@ class Quanta(modapt.Update):
         self.circuit = plan_circuit(in_dims, out_dims)
         self.schedule = Schedule(self.circuit)
         self._frozen_key, self._frozen = None, None
-        theta0 = init_gates(self.circuit)
+        theta0 = init_gates(self.circuit, options.init)
         host.register_parameter("quanta_theta", nn.Parameter(theta0.clone()))
         host.register_buffer("quanta_theta0", theta0)
+        host.register_buffer("quanta_format_version", torch.tensor([FORMAT_VERSION]))
         host.quanta_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
 
     def forward(self, x, base_out, base_layer):
@@ -117,7 +129,14 @@ class Quanta(modapt.Update):
         theta = self.host.quanta_theta
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else theta.dtype
-        x = self.host.quanta_dropout(x)
+        drop = self.host.quanta_dropout
+        if drop.training and isinstance(drop, nn.Dropout):
+            dropped = drop(x)
+            # T(θ) drop(x) − T(θ0) x = [T(θ) − T(θ0)] drop(x) + T(θ0) (drop(x) − x): the fused path
+            # on drop(x), plus the frozen circuit on the difference (only while dropout acts)
+            theta0 = self.host.quanta_theta0.to(dtype)
+            correction = apply_circuit(self.circuit, theta0, (dropped - x).to(dtype))
+            return circuit_difference(self.schedule, dropped, theta, self.frozen(dtype), dtype) + correction
         if x.element_size() > torch.empty((), dtype=dtype).element_size():
             x = narrowed(x, dtype)
         return circuit_difference(self.schedule, x, theta, self.frozen(dtype), dtype)
@@ -139,4 +158,6 @@ class Quanta(modapt.Update):
         return circuit_matrix(self.circuit, theta) - circuit_matrix(self.circuit, theta0)
 
     def extra_state(self):
-        return {"quanta_theta0": self.host.quanta_theta0}
+        # the version travels with the tensors: a folder without it was saved in format 1
+        # (reverse gate order) and is refused on load rather than read as another matrix
+        return {"quanta_theta0": self.host.quanta_theta0, "quanta_format_version": self.host.quanta_format_version}
