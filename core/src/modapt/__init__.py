@@ -1,6 +1,6 @@
 """modapt: parameter-efficient fine-tuning adapters as plugins.
 
-The public API (DESIGN.md, "Fixed names and behaviours")::
+The public API (docs/architecture.md, "Names that are a contract")::
 
     model = modapt.apply(model, recipe)      # same object, adapters in place, base frozen
     modapt.trainable_parameters(model)       # {name: parameter}

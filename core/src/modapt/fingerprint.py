@@ -1,4 +1,4 @@
-"""The base fingerprint: which base weights an adapter was trained on (DESIGN.md, fixed).
+"""The base fingerprint: which base weights an adapter was trained on (docs/architecture.md: a fixed name).
 
 sha256 over the touched base tensors sorted by their ``transformers`` state-dict key, feeding
 for each: the key, the dtype name, the shape, and the raw bytes as stored. The same function

@@ -77,7 +77,7 @@ def modapt_register_presets(register: RegisterPreset) -> None:
     """Register named compositions (presets) of methods.
 
     Called once per registry, after every plugin's methods are registered. Only the composers
-    plugin registers presets (DESIGN.md); preset names are a namespace separate from methods.
+    plugin registers presets (docs/architecture.md); preset names are a namespace separate from methods.
 
     :param register: ``register(name, recipe, *, citation, description="")``: ``recipe`` is
         a recipe mapping (``{"adapter": [...]}``) that may name methods that are not

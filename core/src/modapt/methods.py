@@ -93,7 +93,7 @@ class Method:
     """One adapter method, as registered by ``modapt_register_methods``.
 
     name: the recipe's ``method`` value, unique across plugins (``lora``, ``map``).
-    family: ``update``, ``reparam``, ``attention`` or ``module`` (DESIGN.md).
+    family: ``update``, ``reparam``, ``attention`` or ``module`` (docs/architecture.md).
     options: the :class:`Options` subclass validating this method's recipe keys.
     build: for ``update``: ``build(host, options) -> Update``; for ``reparam``:
         ``build(host, options, update) -> Reparam`` (see :mod:`modapt.update`); for

@@ -1,6 +1,6 @@
 """The weight-adapter contract: updates produce ΔW, reparams combine W0 with an update.
 
-A weight adapter on one layer is ``reparam(W0, update)`` (DESIGN.md): LoRA is
+A weight adapter on one layer is ``reparam(W0, update)`` (docs/architecture.md): LoRA is
 ``additive(lora)``, LoMAP is ``map(lora)``, DoRA is ``dora(lora)``. Both objects keep their
 parameters on the *host*, the :class:`modapt.AdaptedLayer` that replaced the layer, so that
 parameter names are flat and identical in ``named_parameters()``, ``state_dict()`` and the
