@@ -1,17 +1,38 @@
 """Hugging Face ``Trainer`` integration: the same hooks as ``modapt train``'s loop.
 
 ``ModaptCallback`` calls :func:`modapt.before_optimizer_step` / :func:`modapt.after_optimizer_step`
-around each optimizer step; ``ModaptTrainer`` also adds :func:`modapt.regularization_loss`
-to the loss (a callback cannot change the loss)::
+around each optimizer step. A callback can change neither the loss nor what a checkpoint holds,
+so :class:`ModaptTrainerMixin` does the rest, for ``Trainer`` and any subclass of it (TRL's
+``SFTTrainer``, ``DPOTrainer``...):
+
+- the loss gets :func:`modapt.regularization_loss` (AdaLoRA's orthogonality term);
+- ``save_model()`` and every ``checkpoint-N/`` hold a modapt adapter folder (:func:`modapt.save`:
+  the adapter alone, replaced atomically), never the whole model; the Trainer's own files
+  (optimizer, scheduler, RNG, ``trainer_state.json``, ``training_args.bin``) sit beside it;
+- ``resume_from_checkpoint`` and ``load_best_model_at_end`` read the adapter tensors back into
+  the adapted model (:func:`modapt.persistence.restore`)::
 
     trainer = ModaptTrainer(model=model, args=args, train_dataset=...)   # callback included
+    SFT = with_modapt(trl.SFTTrainer)                                    # the same for any Trainer
+    trainer = SFT(model=model, args=sft_args, train_dataset=...)
+
+Not restored on resume: plugin state kept outside the adapter tensors (AdaLoRA's importance
+averages, MAP's stepwise phase are recomputed from the step); the adapter tensors, the
+optimizer and the schedule are.
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
 from transformers import Trainer, TrainerCallback
 
+from .apply import is_adapted
+from .persistence import restore, save
 from .training import after_optimizer_step, before_optimizer_step, regularization_loss
+
+TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the pickled TrainingArguments
 
 
 class ModaptCallback(TrainerCallback):
@@ -24,8 +45,9 @@ class ModaptCallback(TrainerCallback):
         after_optimizer_step(model, state.global_step)
 
 
-class ModaptTrainer(Trainer):
-    """A ``Trainer`` that adds the plugins' regularisation terms and runs their step hooks."""
+class ModaptTrainerMixin:
+    """Put before a ``Trainer`` class in the bases (or use :func:`with_modapt`): adapter
+    checkpoints, resume, the regularisation loss and :class:`ModaptCallback` (see the module)."""
 
     def __init__(self, *args, **kwargs):
         callbacks = list(kwargs.pop("callbacks", None) or [])
@@ -36,5 +58,44 @@ class ModaptTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
         loss, outputs = result if return_outputs else (result, None)
-        loss = loss + regularization_loss(model).to(loss.dtype)
+        loss = loss + regularization_loss(self._adapted()).to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _adapted(self):
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self._adapted()
+        if not is_adapted(model):  # a plain model: the Trainer's own full save
+            return super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return None
+        save(model, output_dir)  # the adapter alone; files already in the folder are kept
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self._adapted() if model is None else model
+        if not is_adapted(target):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        restore(target, resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        model = self._adapted()
+        if not is_adapted(model):
+            return super()._load_best_model()
+        restore(model, self.state.best_model_checkpoint)
+        return None
+
+
+def with_modapt(trainer_class: type[Trainer]) -> type[Trainer]:
+    """``trainer_class`` with :class:`ModaptTrainerMixin` in front (e.g. ``with_modapt(trl.SFTTrainer)``)."""
+    return type(f"Modapt{trainer_class.__name__}", (ModaptTrainerMixin, trainer_class), {})
+
+
+class ModaptTrainer(ModaptTrainerMixin, Trainer):
+    """``Trainer`` with modapt's loss term, step hooks and adapter-folder checkpoints."""

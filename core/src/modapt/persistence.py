@@ -356,6 +356,23 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     return model
 
 
+def restore(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Read the tensors of the adapter folder ``directory`` back into ``model``, which already
+    holds the same recipe (a Trainer resuming from a checkpoint, loading its best one).
+
+    The folder's recipe must equal the model's (else :class:`AdapterLoadError`); its tensors are
+    checked as by :func:`load` (names, shapes, dtypes, finite values) before any is copied.
+    """
+    directory = resolve(Path(directory))
+    config = read_config(directory)
+    state = state_of(model)
+    if config["recipe"] != json.loads(json.dumps(state.recipe.to_dict())):  # as saved: lists, not tuples
+        raise AdapterLoadError(f"{directory}: holds another recipe than the model's adapter "
+                               "(use modapt.load on a base model)")
+    _copy_in(model, read_tensors(directory, config), directory)
+    return model
+
+
 @torch.no_grad()
 def _copy_in(model: nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
     targets = adapter_state_dict(model)
