@@ -92,3 +92,57 @@ def test_missing_matplotlib_names_the_extra(workdir, capsys, monkeypatch):
     stdout = capsys.readouterr().out
     assert "curves: not drawn" in stdout and "modapt[train]" in stdout and "curves: None" not in stdout
     assert not (out / "curves.png").exists()
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("lists.jsonl", '[1, 2]\n"x"\n', "line 1 of {path} is a JSON list, not an object"),
+    ("array.json", '[{"text": "good", "sentiment": 1}]', "line 1 of {path} is a JSON list, not an object"),
+    ("ragged.csv", "text,sentiment\ngood film,1,3\nbad film,0\n", "row 1 of {path} has more values"),
+    ("short.csv", "text,sentiment\ngood film,1\nbad film\n", "row 2 of {path} has fewer values"),
+    ("nolabel.csv", "text,sentiment\ngood film,1\nbad film,\n", "row 2 of {path} has no value in label column"),
+])
+def test_data_that_is_not_what_train_reads_is_one_line(workdir, name, content, message, capsys):
+    path = workdir / name
+    path.write_text(content)
+    argv = _argv(workdir, workdir / f"out-{name}", "--steps", "1")
+    argv[argv.index("--data") + 1] = str(path)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and message.format(path=path) in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("tokenizer", "cannot load a tokenizer from"),
+    ("config", "cannot load a tokenizer from"),  # transformers reads config.json for the tokenizer first
+    ("weights", "cannot load the model in"),
+])
+def test_model_folders_that_cannot_load_are_one_line(workdir, damage, message, capsys):
+    import shutil
+
+    model = workdir / f"model-{damage}"
+    shutil.copytree(workdir / "model", model)
+    if damage == "tokenizer":
+        for f in model.glob("tokenizer*"):
+            f.unlink()
+    elif damage == "config":
+        (model / "config.json").write_text("{")
+    else:
+        for f in model.glob("*.safetensors"):
+            f.unlink()
+    argv = _argv(workdir, workdir / f"out-{damage}", "--steps", "1")
+    argv[argv.index("--model") + 1] = str(model)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and str(model) in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_a_folder_that_is_not_a_saved_dataset_is_one_line(workdir, capsys):
+    folder = workdir / "not-a-dataset"
+    folder.mkdir()
+    argv = _argv(workdir, workdir / "out-folder", "--steps", "1")
+    argv[argv.index("--data") + 1] = str(folder)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 1 and "is a folder but not a saved Hugging Face dataset" in err and "Traceback" not in err, err

@@ -72,19 +72,34 @@ def load_model(name_or_dir: str, task: str, num_labels: int = 2, *, layers: int 
                               "directory (no config.json)")
         source = str(path)
     model_kwargs = {**kwargs, **load_kwargs}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    if task not in ("sequence-classification", "causal-lm"):
+        raise ModaptError(f"--task: unknown task '{task}'; accepted: sequence-classification, causal-lm")
+    # transformers reports a folder it cannot use with assorted exceptions (OSError for a broken
+    # config.json or missing weights, ValueError for a missing tokenizer): one line each, naming
+    # the folder and what was being read
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModaptError(f"--model: cannot load a tokenizer from '{name_or_dir}' "
+                          f"({type(exc).__name__}: {_one_line(exc)})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if task == "sequence-classification":
-        model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, **model_kwargs)
-    elif task == "causal-lm":
-        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
-    else:
-        raise ModaptError(f"--task: unknown task '{task}'; accepted: sequence-classification, causal-lm")
+    cls = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+    extra = {"num_labels": num_labels} if task == "sequence-classification" else {}
+    try:
+        model = cls.from_pretrained(source, **extra, **model_kwargs)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModaptError(f"--model: cannot load the model in '{name_or_dir}' "
+                          f"({type(exc).__name__}: {_one_line(exc)})") from None
     model.config.pad_token_id = tokenizer.pad_token_id
     if layers is not None:
         _keep_layers(model, layers)
     return model, tokenizer
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())  # transformers' messages span lines: one line, at most 300 characters
+    return (text[:297] + "...") if len(text) > 300 else (text or "no detail given")
 
 
 def _keep_layers(model, n: int) -> None:

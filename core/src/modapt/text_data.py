@@ -72,6 +72,7 @@ def read_examples(source: str, *, text_column: str = "text", label_column: str |
         raise ModaptError(f"--data: no such file or directory: {source}")
     if not rows:
         raise ModaptError(f"--data: {source} holds no rows")
+    _check_rows(rows, source)
     columns = list(rows[0])
     if text_column not in columns:
         raise ModaptError(f"--data: no column '{text_column}' in {source}; columns: {', '.join(columns)}")
@@ -82,9 +83,24 @@ def read_examples(source: str, *, text_column: str = "text", label_column: str |
         raise ModaptError(f"--data: no label column '{label_column}' in {source}; columns: {', '.join(columns)} "
                           "(choose one with --label-column)")
     raw = [r[label_column] for r in rows]
+    empty = next((i for i, v in enumerate(raw) if v is None or v == ""), None)
+    if empty is not None:
+        raise ModaptError(f"--data: row {empty + 1} of {source} has no value in label column '{label_column}'")
     names = sorted({str(v) for v in raw}, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
     index = {n: i for i, n in enumerate(names)}
     return Examples(texts, [index[str(v)] for v in raw], names)
+
+
+def _check_rows(rows: list, source: str) -> None:
+    """Every row an object with the same fields: a JSON Lines file whose lines are not objects, a
+    JSON array, or a CSV row with more or fewer values than the header is refused by row number."""
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ModaptError(f"--data: line {i} of {source} is a JSON {type(row).__name__}, not an object "
+                              "(JSON Lines: one object such as {\"text\": ..., \"label\": ...} per line)")
+        if None in row or any(v is None for v in row.values()):
+            raise ModaptError(f"--data: row {i} of {source} has {'more' if None in row else 'fewer'} values than "
+                              "the header has columns")
 
 
 def _dataset_rows(path: Path) -> list[dict]:
@@ -93,7 +109,11 @@ def _dataset_rows(path: Path) -> list[dict]:
     except ImportError:
         raise ModaptError(f"--data: {path} is a folder; reading a saved Hugging Face dataset needs the "
                           "'datasets' package (pip install datasets)") from None
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:
+        raise ModaptError(f"--data: {path} is a folder but not a saved Hugging Face dataset "
+                          f"(datasets.load_from_disk: {exc})") from None
     if isinstance(ds, datasets.DatasetDict):
         ds = ds["train"]
     return [dict(r) for r in ds]
