@@ -201,6 +201,12 @@ def step_ms(runs: list[dict]) -> str:
     return f"{statistics.mean(alone):.0f}" if alone else "–"
 
 
+def percent(values: list[float]) -> str:
+    """Mean of fractions as a percentage, with the standard deviation when there are several."""
+    return f"{100 * statistics.mean(values):.1f}" + (f" ± {100 * statistics.stdev(values):.1f}"
+                                                     if len(values) > 1 else "")
+
+
 def report(path: Path, out_md: Path | None) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = [row for row in rows if "error" not in row]
@@ -208,15 +214,11 @@ def report(path: Path, out_md: Path | None) -> str:
     for row in rows:
         cells.setdefault((row["method"], row["r"]), []).append(row)
 
-    def ms(values):
-        return f"{100 * statistics.mean(values):.1f}" + (f" ± {100 * statistics.stdev(values):.1f}"
-                                                         if len(values) > 1 else "")
-
     lines = ["| method | r | seeds | test acc % | val acc % | loss AUC | trainable | step ms (alone) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (method, r), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        lines.append(f"| {method} | {r} | {len(runs)} | {ms([x['test_accuracy'] for x in runs])} | "
-                     f"{ms([x['val_accuracy'] for x in runs])} | "
+        lines.append(f"| {method} | {r} | {len(runs)} | {percent([x['test_accuracy'] for x in runs])} | "
+                     f"{percent([x['val_accuracy'] for x in runs])} | "
                      f"{statistics.mean(x['loss_auc'] for x in runs):.4f} | {runs[0]['trainable']:,} | "
                      f"{step_ms(runs)} |")
     text = "\n".join(lines + [""] + claims(cells))
@@ -369,15 +371,11 @@ def sweep_report(path: Path, out_md: Path | None) -> str:
         if chosen.get((row["method"], row["r"])) == row["lr"]:
             cells.setdefault((row["method"], row["r"]), []).append(row)
 
-    def ms(values):
-        return f"{100 * statistics.mean(values):.1f}" + (f" ± {100 * statistics.stdev(values):.1f}"
-                                                         if len(values) > 1 else "")
-
     lines = ["| method | r | lr (chosen on val) | seeds | test acc % | val acc % | loss AUC | epochs chosen |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for (method, r), runs in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         lines.append(f"| {method} | {r} | {chosen[(method, r)]:g} | {len(runs)} | "
-                     f"{ms([x['test_accuracy'] for x in runs])} | {ms([x['val_accuracy'] for x in runs])} | "
+                     f"{percent([x['test_accuracy'] for x in runs])} | {percent([x['val_accuracy'] for x in runs])} | "
                      f"{statistics.mean(x['loss_auc'] for x in runs):.4f} | "
                      f"{','.join(str(x.get('epoch', '-')) for x in sorted(runs, key=lambda x: x['seed']))} |")
     text = "\n".join(lines + [""] + claims(cells))
