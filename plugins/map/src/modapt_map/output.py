@@ -8,12 +8,19 @@ from the gradient of the input instead: ⟨g, W0 x⟩ = ⟨g W0, x⟩, and g W0 
 product the backward computes anyway for x's gradient (a · g W0). It stores x (the tensor
 LoRA's A already stores, so no new memory when there is no dropout) and u in the output's
 dtype (for b's gradient ⟨g, u⟩).
+
+On a quantized base the "output's dtype" is the layer's compute dtype (bf16 for QLoRA), not
+the dtype of ``base_out``: k-bit preparation keeps the hidden states in float32 and
+bitsandbytes returns W0 x in the input's dtype, so keying on ``base_out`` would store u and
+form g W0 in float32 (a full-size float32 GEMM per layer and step, where bitsandbytes' own
+backward works in the compute dtype; profiled at 1.71 × PEFT QLoRA's step, see
+docs/performance.md).
 """
 
 from __future__ import annotations
 
 import torch
-from modapt import layers
+from modapt import layers, quantized
 from torch import nn
 
 
@@ -26,16 +33,18 @@ class MapOutput(torch.autograd.Function):
     def forward(ctx, x, u, a, b, base_out, base_layer, bias):
         w0_x = base_out if bias is None else base_out - bias
         dtype = base_out.dtype
+        low = quantized.compute_dtype(base_layer) if layers.is_quantized(base_layer) else dtype
         # base_out + (a − 1)·W0x rather than a·W0x + bias: a = 1, β = 0 is the base bit for bit;
         # fused multiply-adds, one pass over [..., out] each
         y = torch.addcmul(base_out, w0_x, (a - 1).to(dtype))
         # a float32 update on a bf16 base: addcmul_ computes b·u in float32 and rounds once
         # into y, one pass (no float32 temporary, no separate cast)
         y.addcmul_(u, b if u.dtype != dtype else b.to(dtype))
-        u_low = u.to(dtype)
+        u_low = u.to(low)
         ctx.save_for_backward(x, u_low, a, b)
         ctx.base_layer = base_layer
         ctx.u_dtype = u.dtype
+        ctx.low = low
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -51,7 +60,8 @@ class MapOutput(torch.autograd.Function):
                 w0_x = layers.embed(base, x, w0.t().to(g.dtype))  # a lookup, recomputed: cheap
                 grad_a = inner(g, w0_x, acc)
         elif ctx.needs_input_grad[0] or ctx.needs_input_grad[2]:
-            g_w0 = g @ w0.to(g.dtype)  # [..., in]: the base path's input gradient, before the factor a
+            low = ctx.low  # g's dtype, or a quantized layer's compute dtype (see the module header)
+            g_w0 = g.to(low) @ w0.to(low)  # [..., in]: the base path's input gradient, before the factor a
             if ctx.needs_input_grad[2]:
                 grad_a = inner(g_w0, x.to(g_w0.dtype), acc)
             if ctx.needs_input_grad[0]:
