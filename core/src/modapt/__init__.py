@@ -37,6 +37,7 @@ _LAZY = {
     "AdapterSpec": "recipe", "Recipe": "recipe", "parse_recipe": "recipe", "read_recipe_file": "recipe",
     "write_recipe": "recipe",
     "after_optimizer_step": "training", "before_optimizer_step": "training", "regularization_loss": "training",
+    "load_training_state": "training", "save_training_state": "training", "TrainingState": "training",
     "Additive": "update", "Reparam": "update", "Update": "update",
 }
 
@@ -47,7 +48,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these come fro
     from .attachment import Attachment
     from .persistence import load, save
     from .recipe import AdapterSpec, Recipe, parse_recipe, read_recipe_file, write_recipe
-    from .training import after_optimizer_step, before_optimizer_step, regularization_loss
+    from .training import (TrainingState, after_optimizer_step, before_optimizer_step, load_training_state,
+                           regularization_loss, save_training_state)
     from .update import Additive, Reparam, Update
 
 
@@ -97,6 +99,6 @@ __all__ = [
     "Method", "ModaptError", "Options", "PluginError", "Recipe", "RecipeError", "Registry", "Reparam",
     "StateError", "TargetError", "Update", "active", "adapter_info", "adapters", "combine", "delete", "disabled", "adapter_state_dict", "after_optimizer_step", "apply",
     "before_optimizer_step", "default_registry", "hookimpl", "hookspec", "is_adapted", "load", "merge",
-    "parse_recipe", "read_recipe_file", "regularization_loss", "remove", "rows", "save", "set_active", "state_of",
+    "parse_recipe", "read_recipe_file", "regularization_loss", "remove", "save_training_state", "load_training_state", "TrainingState", "rows", "save", "set_active", "state_of",
     "trainable_parameters", "unmerge", "use_registry", "write_recipe",
 ]

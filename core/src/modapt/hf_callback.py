@@ -16,9 +16,14 @@ so :class:`ModaptTrainerMixin` does the rest, for ``Trainer`` and any subclass o
     SFT = with_modapt(trl.SFTTrainer)                                    # the same for any Trainer
     trainer = SFT(model=model, args=sft_args, train_dataset=...)
 
-Not restored on resume: plugin state kept outside the adapter tensors (AdaLoRA's importance
-averages, MAP's stepwise phase are recomputed from the step); the adapter tensors, the
-optimizer and the schedule are.
+Each checkpoint also holds the plugins' training state kept outside the adapter tensors
+(:func:`modapt.save_training_state`: AdaLoRA's importance averages and budget), given back on
+resume, so a resumed run ends where the uninterrupted one ends; MAP's stepwise schedule follows
+from the step number, which the Trainer restores.
+
+``ModaptCallback`` alone (in a Trainer without the mixin) runs the step hooks but cannot change
+what the Trainer writes: its checkpoints hold the whole model and no plugin state. Use
+:func:`with_modapt` on the Trainer class for adapter checkpoints and exact resume.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from transformers import Trainer, TrainerCallback
 
 from .apply import is_adapted
 from .persistence import restore, save
-from .training import after_optimizer_step, before_optimizer_step, regularization_loss
+from .training import (after_optimizer_step, before_optimizer_step, load_training_state, regularization_loss,
+                       save_training_state)
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the pickled TrainingArguments
 
@@ -72,6 +78,7 @@ class ModaptTrainerMixin:
         if not self.args.should_save:
             return None
         save(model, output_dir)  # the adapter alone; files already in the folder are kept
+        save_training_state(model, output_dir)  # the plugins' state outside the tensors
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -82,6 +89,7 @@ class ModaptTrainerMixin:
         if not is_adapted(target):
             return super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         restore(target, resume_from_checkpoint)
+        load_training_state(target, resume_from_checkpoint)
         return None
 
     def _load_best_model(self) -> None:

@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # annotations only: methods/recipe/registry import this modul
     from .methods import Method
     from .recipe import Recipe
     from .registry import Registry
+    from .training import TrainingState
 
 PROJECT = "modapt"
 
@@ -156,6 +157,39 @@ def modapt_after_optimizer_step(model: nn.Module, step: int) -> None:
     :param model: a model prepared by :func:`modapt.apply`.
     :param step: the 0-based index of the optimizer step that just ran.
     :return: ignored.
+    """
+
+
+@hookspec
+def modapt_training_state(model: nn.Module) -> TrainingState | None:
+    """Hand over this plugin's training state kept outside the adapter tensors, for a checkpoint.
+
+    Called by :func:`modapt.save_training_state` (every Trainer checkpoint, ``modapt train``'s
+    resumable checkpoints), for every plugin. What the adapter tensors already hold (AdaLoRA's
+    Λ and ``rank_pattern`` buffer) and what follows from the step number alone (MAP's stepwise
+    schedule) is not training state; what a resumed run would otherwise recompute differently
+    is (AdaLoRA's importance averages and current budget).
+
+    :param model: a model prepared by :func:`modapt.apply` (active adapters only).
+    :return: a :class:`modapt.training.TrainingState` named after the plugin, tensors in
+        ``tensors`` (written as safetensors) and JSON values in ``values``; ``None`` when there
+        is nothing to keep for this model.
+    """
+
+
+@hookspec
+def modapt_load_training_state(model: nn.Module, states: Mapping[str, TrainingState]) -> str | None:
+    """Take back the state this plugin handed over in :func:`modapt_training_state`.
+
+    Called by :func:`modapt.load_training_state` (resuming a Trainer or ``modapt train``), for
+    every plugin, with every plugin's state read from the checkpoint.
+
+    :param model: the model being resumed, with its adapter tensors already restored.
+    :param states: plugin name -> its saved state.
+    :return: the name of the state this plugin consumed, else ``None``. A state no plugin
+        consumes is refused by the core (its plugin is missing); a state that does not fit the
+        model (other layers, other shapes) must be refused with a one-line
+        :class:`modapt.StateError` naming what differs.
     """
 
 

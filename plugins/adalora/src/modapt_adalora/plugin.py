@@ -65,3 +65,18 @@ def modapt_after_optimizer_step(model, step):
 @modapt.hookimpl
 def modapt_describe():
     return {"description": "AdaLoRA: SVD-form updates whose ranks are pruned to a budget during training"}
+
+
+@modapt.hookimpl
+def modapt_training_state(model):
+    """The importance averages and budget (module ``training_state``), for checkpoints."""
+    from .training_state import training_state
+
+    return training_state(model)
+
+
+@modapt.hookimpl
+def modapt_load_training_state(model, states):
+    from .training_state import load_training_state
+
+    return load_training_state(model, states)
