@@ -286,6 +286,10 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _attachment_parameters(model, state, path):
     """Parameters an attention/module adapter added under ``path`` (those not in the base model)."""
+    attachment = state.attachments[path][1]
+    if attachment.switchable:  # its own tensors only (others' may share the module), single-adapter names
+        yield from named.attachment_parameters(path, attachment)
+        return
     module = model.get_submodule(path)
     for name, param in module.named_parameters():
         full = f"{path}.{name}"
@@ -380,8 +384,7 @@ def remove(model: nn.Module) -> nn.Module:
         if host.merged:
             host.unmerge()
         _set_submodule(model, path, host.base_layer)
-    for _, attachment in state.attachments.values():
-        attachment.detach()
+    named.detach_attachments(named.named_of(model).states.values() if named.NAMED_ATTR in model.__dict__ else [state])
     shared.drop(model)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))

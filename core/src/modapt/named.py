@@ -12,10 +12,19 @@ names. Per layer the output of the active adapters ``a_1..a_k`` is::
     y = reparam_a(W0, update_a)(x)                k = 1
     y = W0 x + b + sum_i ΔW_i x                   k > 1, every a_i additive
 
-A reparam that rescales the whole weight (MAP, DoRA) cannot be summed: activating it with
-another adapter on the same layer is refused. ``rows`` groups the batch rows by adapter and
-runs each group [n_g, ...] through its own path, scattering the outputs back into [B, ...].
-Switching only rewrites per-layer lists and ``requires_grad`` flags: O(adapter size).
+A reparam that rescales the whole weight (MAP, DoRA, LoRMA's multiplicative forms) cannot be
+summed: activating it with another adapter on the same layer is refused. ``rows`` groups the
+batch rows by adapter and runs each group [n_g, ...] through its own path, scattering the
+outputs back into [B, ...]. Switching only rewrites per-layer lists, flags on the attachments
+and ``requires_grad`` flags: O(adapter size).
+
+Attention and module adapters (LMAM, bottleneck) take part when their :class:`Attachment`
+declares ``switchable`` (see :mod:`modapt.attachment`): the core sets ``enabled`` and ``rows``
+on them, and moves the tensors of a further adapter on a module that already holds one to
+``<module>.modapt_adapters.<name>``. Two of them active at once on one module are refused
+(each replaces what the module computes; there is no sum to take). ``modules_to_save`` trains
+the base module itself in place (a single-adapter model keeps no copy of the original), so an
+adapter with ``modules_to_save`` holds a model alone.
 """
 
 from __future__ import annotations
@@ -168,13 +177,52 @@ def sums_with_others(holder: AdaptedLayer) -> bool:
     return isinstance(reparam, Additive) and reparam.sums_with_others
 
 
-def _check_no_attachments(model: nn.Module, what: str) -> None:
+def _check_switchable(model: nn.Module, what: str) -> None:
     named = model.__dict__.get(NAMED_ATTR)
     states = named.states.values() if named is not None else [_state_of(model)]
     for state in states:
-        if state.attachments:
-            raise StateError(f"{what} is not supported yet for attention/module adapters "
-                             f"('{state.name}' holds {', '.join(sorted({m for m, _ in state.attachments.values()}))})")
+        fixed = sorted({m for m, a in state.attachments.values() if not a.switchable})
+        if fixed:
+            raise StateError(f"{what}: adapter '{state.name}' holds {', '.join(fixed)}, whose attachment does not "
+                             "declare `switchable` (it cannot be turned off or restricted to rows)")
+        if state.modules_to_save:
+            raise StateError(f"{what}: adapter '{state.name}' trains modules_to_save in place "
+                             f"({', '.join(state.modules_to_save)}); the base values are not kept")
+
+
+def _check_one_attachment_per_module(model: nn.Module, names: Sequence[str]) -> None:
+    named = named_of(model)
+    seen: dict[int, str] = {}
+    for name in names:
+        for path, (_, att) in named.states[name].attachments.items():
+            other = seen.setdefault(id(att.module), name)
+            if other != name:
+                raise StateError(f"'{path}': adapters '{other}' and '{name}' both hold an attention/module adapter "
+                                 "on this module, and each replaces what it computes; activate one of them")
+
+
+def attachment_parameters(path: str, att) -> Iterator[tuple[str, nn.Parameter]]:
+    """(single-adapter name ``<path>.<key>...``, parameter) for each tensor of a switchable attachment."""
+    holder = att.holder
+    for key in att.keys():
+        if holder._parameters.get(key) is not None:
+            yield f"{path}.{key}", holder._parameters[key]
+        elif key in holder._modules:
+            for sub, param in holder._modules[key].named_parameters():
+                yield f"{path}.{key}.{sub}", param
+
+
+def detach_attachments(states) -> None:
+    """Take the attachments of ``states`` off their modules, with the holders the core made."""
+    for state in states:
+        for _, att in state.attachments.values():
+            att.detach()
+            if att.holder is not att.module:
+                slots = att.module._modules.get(SLOTS)
+                for key in [k for k, v in slots.items() if v is att.holder]:
+                    del slots[key]
+                if not len(slots):
+                    del att.module._modules[SLOTS]
 
 
 def refresh(model: nn.Module) -> None:
@@ -195,8 +243,16 @@ def refresh(model: nn.Module) -> None:
         else:
             host._route = _forward_active
     named.view = _active_view(model, named, names)
+    row_index = dict(named.rows) if named.rows is not None else None
     for name, state in named.states.items():
         on = name in names
+        for path, (_, att) in state.attachments.items():
+            if row_index is not None:
+                att.enabled, att.rows = name in row_index, row_index.get(name)
+            else:
+                att.enabled, att.rows = on, None
+            for _, param in attachment_parameters(path, att):
+                param.requires_grad_(on)
         for holder in state.layers.values():
             for key, param in _own_parameters(holder):
                 param.requires_grad_(on)
@@ -287,6 +343,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     if any(h.merged for h in hosts(model).values()):
         raise StateError("set_active on a merged model (modapt.unmerge first)")
     _check_summable(_holders(model, names))
+    _check_one_attachment_per_module(model, names)
     named.active = names
     refresh(model)
 
@@ -294,7 +351,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block every adapter is off: the base model's outputs, bit for bit."""
-    _check_no_attachments(model, "modapt.disabled")
+    _check_switchable(model, "modapt.disabled")
     if any(h.merged for h in hosts(model).values()):
         raise StateError("modapt.disabled on a merged model: its base weights hold W* (modapt.unmerge first)")
     named = named_of(model)
@@ -317,7 +374,7 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     [n_g, ...] through that adapter alone and scatters the outputs back to [B, ...]. The
     caller's batch must have ``len(names)`` rows (checked at every adapted layer).
     """
-    _check_no_attachments(model, "modapt.rows")
+    _check_switchable(model, "modapt.rows")
     if any(h.merged for h in hosts(model).values()):
         raise StateError("modapt.rows on a merged model (modapt.unmerge first)")
     named = named_of(model)
@@ -337,11 +394,12 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     batch = len(names)
 
     def check(module, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        if x.shape[0] != batch:
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        if isinstance(x, torch.Tensor) and x.shape[0] != batch:
             raise StateError(f"modapt.rows got {batch} names but the batch has {x.shape[0]} rows")
 
-    handles = [h.register_forward_pre_hook(check, with_kwargs=True) for h in hosts(model).values()]
+    checked = list(hosts(model).values()) + [a.module for s in named.states.values() for _, a in s.attachments.values()]
+    handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in checked]
     refresh(model)
     try:
         yield model
@@ -366,13 +424,18 @@ def add(model: nn.Module, recipe, name: str, registry, autocast_adapter_dtype: b
     plan = _plan_on_base(model, recipe, registry)
     # the base flags from before the first adapter, so that remove() restores them whichever stays
     state = apply_mod.AdapterState(recipe, name=name, requires_grad=_state_of(model).requires_grad)
-    if any(registry.method(spec.method).family not in apply_mod.WEIGHT_FAMILIES for _, _, spec in plan) \
-            or recipe.modules_to_save or any(s.attachments for s in named.states.values()):
-        raise StateError("several named adapters on one model are supported for weight adapters only "
-                         "(attention/module adapters and modules_to_save hold one adapter per model)")
+    holding = [s.name for s in named.states.values() if s.modules_to_save]
+    if recipe.modules_to_save or holding:
+        raise StateError(f"adapter '{(holding or [name])[0]}' has modules_to_save, which train the base module in "
+                         "place: such an adapter holds a model alone (modapt.remove it, or drop modules_to_save)")
+    _check_switchable(model, f"adding adapter '{name}'")
     created: list[str] = []
     try:
         for path, entry_path, spec in plan:
+            if registry.method(spec.method).family not in apply_mod.WEIGHT_FAMILIES:
+                with shared.applying(model):
+                    _attach(model, state, name, path, entry_path, spec, registry, autocast_adapter_dtype)
+                continue
             owner = model.get_submodule(path)
             if not isinstance(owner, AdaptedLayer):
                 owner = AdaptedLayer(owner)
@@ -401,12 +464,85 @@ def add(model: nn.Module, recipe, name: str, registry, autocast_adapter_dtype: b
             state.layers[path] = slot
             state.base_keys[path] = f"{path}.weight"
     except BaseException:
+        detach_attachments([state])
         _drop_layers(model, state)
         for path in created:
             apply_mod._set_submodule(model, path, model.get_submodule(path).base_layer)
         raise
     named.states[name] = state
     refresh(model)
+
+
+def _attach(model: nn.Module, state, name: str, path: str, entry_path: str, spec, registry,
+            autocast_adapter_dtype: bool) -> None:
+    """Build an attention/module adapter of adapter ``name`` on ``path``. When the module already
+    holds another adapter's attachment under the flat keys, those keys are set aside during the
+    build and the new tensors moved to ``<path>.modapt_adapters.<name>`` (its ``holder``)."""
+    apply_mod = _apply_module()
+    from .errors import PluginError, RecipeError
+
+    method = registry.method(spec.method)
+    module = model.get_submodule(path)
+    flat = [a for s in named_of(model).states.values() for _, a in s.attachments.values()
+            if a.module is module and a.holder is module]
+    aside = _take(module, flat[0].keys()) if flat else {}
+    before = set(module._parameters) | set(module._buffers) | set(module._modules)
+    try:
+        attachment = method.build(module, spec.options, model)
+    except ValueError as exc:
+        _take(module, (set(module._parameters) | set(module._buffers) | set(module._modules)) - before)
+        _put(module, aside)
+        raise RecipeError(f"cannot adapt '{path}': {exc}", path=entry_path, source=state.recipe.source) from None
+    except Exception as exc:
+        _put(module, aside)
+        raise PluginError(f"plugin '{method.plugin}' ({method.distribution}) failed to build '{spec.method}' on "
+                          f"'{path}': {type(exc).__name__}: {exc}") from exc
+    if not attachment.switchable:
+        attachment.detach()
+        _put(module, aside)
+        raise StateError(f"adding adapter '{name}': {spec.method}'s attachment does not declare `switchable`, so it "
+                         "cannot share a model with other named adapters")
+    if flat:
+        holder = nn.Module()
+        _put(holder, _take(module, attachment.keys()))
+        _put(module, aside)
+        if SLOTS not in module._modules:
+            module.add_module(SLOTS, nn.ModuleDict())
+        module._modules[SLOTS][name] = holder
+        attachment.holder = holder
+    module.train(module.training)  # new submodules follow the module's mode
+    state.attachments[path] = (spec.method, attachment)
+    params = [p for _, p in attachment_parameters(path, attachment)]
+    reference = next((p for n, p in module.named_parameters() if f"{path}.{n}" in state.requires_grad), None)
+    if reference is not None:
+        buffers = [b for k in attachment.keys() for b in _buffers_under(attachment.holder, k)]
+        apply_mod._place(attachment.holder, params, buffers, reference, autocast_adapter_dtype)
+
+
+def _buffers_under(holder: nn.Module, key: str) -> list[torch.Tensor]:
+    if holder._buffers.get(key) is not None:
+        return [holder._buffers[key]]
+    return list(holder._modules[key].buffers()) if key in holder._modules else []
+
+
+def _take(module: nn.Module, keys) -> dict:
+    """Remove ``keys`` (parameters, buffers, children) from ``module``; what :func:`_put` puts back."""
+    out = {}
+    for key in keys:
+        for kind in ("_parameters", "_buffers", "_modules"):
+            store = getattr(module, kind)
+            if key in store:
+                persistent = key not in module._non_persistent_buffers_set
+                module._non_persistent_buffers_set.discard(key)
+                out[key] = (kind, store.pop(key), persistent)
+    return out
+
+
+def _put(module: nn.Module, taken: dict) -> None:
+    for key, (kind, value, persistent) in taken.items():
+        getattr(module, kind)[key] = value
+        if kind == "_buffers" and not persistent:
+            module._non_persistent_buffers_set.add(key)
 
 
 def _plan_on_base(model, recipe, registry):
@@ -461,6 +597,7 @@ def delete(model: nn.Module, name: str) -> None:
     state = named.states[name]
     if any(h.merged for h in state.layers.values()):
         raise StateError(f"adapter '{name}' is merged (modapt.unmerge first)")
+    detach_attachments([state])
     _drop_layers(model, state)
     del named.states[name]
     named.active = [n for n in named.active if n != name]
