@@ -683,6 +683,8 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
     - ``cat`` (rank Σ r_i): A = [w_i s_i A_i] stacked, B = [B_i] side by side: ΔW = Σ w_i ΔW_i exactly.
     - ``svd`` (rank ``svd_rank`` or max r_i): the truncated SVD of Σ w_i ΔW_i, B = U S, A = Vh.
 
+    Embedding LoRAs combine by the same formulas (A [r, vocab], B [dim, r], ΔW = B A as PEFT's
+    ``lora_embedding_A/B``; PEFT transposes its embedding ΔW before the SVD, which is this B A).
     The new adapter is inactive until ``set_active``. Others than the LoRA family are refused.
     """
     from .apply import apply as apply_fn
@@ -728,7 +730,8 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
         holder = named_of(model).states[name].layers[path]
         if tuple(holder.lora_A.weight.shape) != tuple(a.shape):
             delete(model, name)
-            raise StateError(f"combine: '{path}' is not a linear layer (embedding LoRAs do not combine yet)")
+            raise StateError(f"combine: '{path}': the combined factors {tuple(b.shape)} x {tuple(a.shape)} do not "
+                             f"fit a LoRA of rank {rank} on this layer")
         holder.lora_A.weight.copy_(a)
         holder.lora_B.weight.copy_(b)
     return model
