@@ -167,8 +167,13 @@ def _check_summable(per_layer: dict[str, list]) -> None:
             if not sums_with_others(holder):
                 other = next(n for n, _ in items if n != name)
                 raise StateError(
-                    f"'{path}': adapter '{name}' ({holder.reparam.method_name}) rescales the whole weight and "
+                    f"'{path}': adapter '{name}' ({_method_of(holder)}) rescales the whole weight and "
                     f"cannot be summed with adapter '{other}' on the same layer; activate one of them")
+
+
+def _method_of(holder: AdaptedLayer) -> str:
+    reparam, update = holder.reparam.method_name, holder.update.method_name
+    return update if reparam == "additive" else f"{reparam}({update})"
 
 
 def sums_with_others(holder: AdaptedLayer) -> bool:
