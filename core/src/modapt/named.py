@@ -22,9 +22,14 @@ Attention and module adapters (LMAM, bottleneck) take part when their :class:`At
 declares ``switchable`` (see :mod:`modapt.attachment`): the core sets ``enabled`` and ``rows``
 on them, and moves the tensors of a further adapter on a module that already holds one to
 ``<module>.modapt_adapters.<name>``. Two of them active at once on one module are refused
-(each replaces what the module computes; there is no sum to take). ``modules_to_save`` trains
-the base module itself in place (a single-adapter model keeps no copy of the original), so an
-adapter with ``modules_to_save`` holds a model alone.
+(each replaces what the module computes; there is no sum to take).
+
+``modules_to_save``: a model's FIRST adapter trains the base module itself in place, as a
+single-adapter model always did (no copy kept, so the base values are gone): such an adapter
+holds a model alone. A FURTHER adapter's ``modules_to_save`` get a trainable copy of the
+(untouched) base module at ``<path>.modapt_adapters.<name>``; the module's forward is routed
+(an instance-level ``forward``) to the active adapter's copy, to the base when none, and per
+row inside ``rows``. Saving that adapter writes the copy under the module's own names.
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ class Named:
     disabled: int = 0
     rows: list | None = None  # [(name or None, index tensor [n_g])] inside ``rows``
     view: object = None  # the AdapterState the training hooks see (active adapters only)
+    copies: dict = field(default_factory=dict)  # (name, path) -> a further adapter's modules_to_save copy
 
 
 def _apply_module():
@@ -190,9 +196,11 @@ def _check_switchable(model: nn.Module, what: str) -> None:
         if fixed:
             raise StateError(f"{what}: adapter '{state.name}' holds {', '.join(fixed)}, whose attachment does not "
                              "declare `switchable` (it cannot be turned off or restricted to rows)")
-        if state.modules_to_save:
+        in_place = [p for p in state.modules_to_save if (state.name, p) not in _copies(model)]
+        if in_place:
             raise StateError(f"{what}: adapter '{state.name}' trains modules_to_save in place "
-                             f"({', '.join(state.modules_to_save)}); the base values are not kept")
+                             f"({', '.join(in_place)}), as a model's first adapter does; the base values are not "
+                             "kept (load it as a further adapter beside another to keep them)")
 
 
 def _check_one_attachment_per_module(model: nn.Module, names: Sequence[str]) -> None:
@@ -204,6 +212,95 @@ def _check_one_attachment_per_module(model: nn.Module, names: Sequence[str]) -> 
             if other != name:
                 raise StateError(f"'{path}': adapters '{other}' and '{name}' both hold an attention/module adapter "
                                  "on this module, and each replaces what it computes; activate one of them")
+
+
+def _copies(model: nn.Module) -> dict:
+    """(adapter name, module path) -> that adapter's copy of a modules_to_save module."""
+    named = model.__dict__.get(NAMED_ATTR)
+    return named.copies if named is not None else {}
+
+
+def saved_module(model: nn.Module, state, path: str) -> nn.Module:
+    """The module that holds adapter ``state``'s trained copy of modules_to_save ``path``."""
+    return _copies(model).get((state.name, path)) or model.get_submodule(path)
+
+
+def _check_one_copy_per_module(model: nn.Module, names: Sequence[str]) -> None:
+    seen: dict[str, str] = {}
+    for (name, path) in _copies(model):
+        if name in names and seen.setdefault(path, name) != name:
+            raise StateError(f"'{path}': adapters '{seen[path]}' and '{name}' both hold a modules_to_save copy of "
+                             "this module, and each replaces it; activate one of them")
+
+
+def _add_copies(model: nn.Module, state, recipe) -> None:
+    """A trainable copy of each modules_to_save module of a further adapter (see module doc)."""
+    import copy
+    import types
+
+    apply_mod = _apply_module()
+    named = named_of(model)
+    for path in apply_mod._modules_to_save(model, recipe):
+        module = model.get_submodule(path)
+        slots, forward = module._modules.pop(SLOTS, None), module.__dict__.pop("forward", None)
+        try:  # the copy is of the base module alone (not of the others' copies, nor of the routing)
+            twin = copy.deepcopy(module)
+        finally:
+            if slots is not None:
+                module._modules[SLOTS] = slots
+            if forward is not None:
+                module.__dict__["forward"] = forward
+        twin.requires_grad_(True)
+        if SLOTS not in module._modules:
+            module.add_module(SLOTS, nn.ModuleDict())
+        module._modules[SLOTS][state.name] = twin
+        module.__dict__["forward"] = types.MethodType(_forward_saved, module)  # survives deepcopy
+        named.copies[(state.name, path)] = twin
+        state.modules_to_save.append(path)
+
+
+def _drop_copies(model: nn.Module, states) -> None:
+    named = model.__dict__.get(NAMED_ATTR)
+    if named is None:
+        return
+    for state in states:
+        for path in state.modules_to_save:
+            twin = named.copies.pop((state.name, path), None)
+            if twin is None:
+                continue
+            module = model.get_submodule(path)
+            slots = module._modules[SLOTS]
+            del slots[state.name]
+            if not len(slots):
+                del module._modules[SLOTS]
+            if not any(p == path for _, p in named.copies):
+                module.__dict__.pop("forward", None)
+                module.__dict__.pop("_modapt_saved", None)
+
+
+def _forward_saved(module: nn.Module, *args, **kwargs):
+    """A modules_to_save module with copies: the active copy, the base, or per row (``rows``)."""
+    plan = module.__dict__.get("_modapt_saved")
+    base = type(module).forward
+    if plan is None:
+        return base(module, *args, **kwargs)
+    if isinstance(plan, nn.Module):
+        return plan(*args, **kwargs)
+    x, rest = args[0], args[1:]
+    out = None
+    for idx, twin in plan:
+        part = x.index_select(0, idx)
+        y = twin(part, *rest, **kwargs) if twin is not None else base(module, part, *rest, **kwargs)
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out.index_copy_(0, idx, y)
+    return out
+
+
+def detach_all(model: nn.Module, states) -> None:
+    """Take the attachments and modules_to_save copies of ``states`` off the model."""
+    detach_attachments(states)
+    _drop_copies(model, states)
 
 
 def attachment_parameters(path: str, att) -> Iterator[tuple[str, nn.Parameter]]:
@@ -262,8 +359,15 @@ def refresh(model: nn.Module) -> None:
             for key, param in _own_parameters(holder):
                 param.requires_grad_(on)
         for path in state.modules_to_save:
-            for param in model.get_submodule(path).parameters():
+            for param in saved_module(model, state, path).parameters():
                 param.requires_grad_(on)
+    for path in {p for _, p in named.copies}:
+        twins = {n: t for (n, p), t in named.copies.items() if p == path}
+        if named.rows is not None:  # [(row indices [n_g], copy or None: the base)]
+            plan = [(idx, twins.get(n)) for n, idx in named.rows]
+        else:  # set_active lets at most one active adapter hold a copy of a module
+            plan = next((twins[n] for n in names if n in twins), None)
+        model.get_submodule(path).__dict__["_modapt_saved"] = plan
 
 
 def _active_view(model: nn.Module, named: Named, names: list[str]):
@@ -349,6 +453,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
         raise StateError("set_active on a merged model (modapt.unmerge first)")
     _check_summable(_holders(model, names))
     _check_one_attachment_per_module(model, names)
+    _check_one_copy_per_module(model, names)
     named.active = names
     refresh(model)
 
@@ -429,10 +534,6 @@ def add(model: nn.Module, recipe, name: str, registry, autocast_adapter_dtype: b
     plan = _plan_on_base(model, recipe, registry)
     # the base flags from before the first adapter, so that remove() restores them whichever stays
     state = apply_mod.AdapterState(recipe, name=name, requires_grad=_state_of(model).requires_grad)
-    holding = [s.name for s in named.states.values() if s.modules_to_save]
-    if recipe.modules_to_save or holding:
-        raise StateError(f"adapter '{(holding or [name])[0]}' has modules_to_save, which train the base module in "
-                         "place: such an adapter holds a model alone (modapt.remove it, or drop modules_to_save)")
     _check_switchable(model, f"adding adapter '{name}'")
     created: list[str] = []
     try:
@@ -468,8 +569,9 @@ def add(model: nn.Module, recipe, name: str, registry, autocast_adapter_dtype: b
             owner._modules[SLOTS][name] = slot
             state.layers[path] = slot
             state.base_keys[path] = f"{path}.weight"
+        _add_copies(model, state, recipe)
     except BaseException:
-        detach_attachments([state])
+        detach_all(model, [state])
         _drop_layers(model, state)
         for path in created:
             apply_mod._set_submodule(model, path, model.get_submodule(path).base_layer)
@@ -602,7 +704,7 @@ def delete(model: nn.Module, name: str) -> None:
     state = named.states[name]
     if any(h.merged for h in state.layers.values()):
         raise StateError(f"adapter '{name}' is merged (modapt.unmerge first)")
-    detach_attachments([state])
+    detach_all(model, [state])
     _drop_layers(model, state)
     del named.states[name]
     named.active = [n for n in named.active if n != name]
