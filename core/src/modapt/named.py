@@ -254,7 +254,9 @@ def _add_copies(model: nn.Module, state, recipe) -> None:
         if SLOTS not in module._modules:
             module.add_module(SLOTS, nn.ModuleDict())
         module._modules[SLOTS][state.name] = twin
-        module.__dict__["forward"] = types.MethodType(_forward_saved, module)  # survives deepcopy
+        if not isinstance(forward, types.MethodType) or forward.__func__ is not _forward_saved:
+            module.__dict__["_modapt_forward"] = forward  # an instance forward already there (accelerate's hooks)
+            module.__dict__["forward"] = types.MethodType(_forward_saved, module)  # a bound method survives deepcopy
         named.copies[(state.name, path)] = twin
         state.modules_to_save.append(path)
 
@@ -276,12 +278,19 @@ def _drop_copies(model: nn.Module, states) -> None:
             if not any(p == path for _, p in named.copies):
                 module.__dict__.pop("forward", None)
                 module.__dict__.pop("_modapt_saved", None)
+                before = module.__dict__.pop("_modapt_forward", None)
+                if before is not None:
+                    module.__dict__["forward"] = before
 
 
 def _forward_saved(module: nn.Module, *args, **kwargs):
     """A modules_to_save module with copies: the active copy, the base, or per row (``rows``)."""
     plan = module.__dict__.get("_modapt_saved")
-    base = type(module).forward
+    before = module.__dict__.get("_modapt_forward")
+
+    def base(_, *a, **k):
+        return before(*a, **k) if before is not None else type(module).forward(module, *a, **k)
+
     if plan is None:
         return base(module, *args, **kwargs)
     if isinstance(plan, nn.Module):
