@@ -278,14 +278,19 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for path in state.attachments:
         for name, param in _attachment_parameters(model, state, path):
             out[name] = param
-    for path in state.modules_to_save:
-        for name, param in model.get_submodule(path).named_parameters():
-            out[f"{path}.{name}"] = param
+    for path in state.modules_to_save:  # a further named adapter's copy is saved under the module's names
+        for name, param in named.saved_module(model, state, path).named_parameters():
+            if not name.startswith(f"{named.SLOTS}."):
+                out[f"{path}.{name}"] = param
     return out
 
 
 def _attachment_parameters(model, state, path):
     """Parameters an attention/module adapter added under ``path`` (those not in the base model)."""
+    attachment = state.attachments[path][1]
+    if attachment.switchable:  # its own tensors only (others' may share the module), single-adapter names
+        yield from named.attachment_parameters(path, attachment)
+        return
     module = model.get_submodule(path)
     for name, param in module.named_parameters():
         full = f"{path}.{name}"
@@ -380,8 +385,7 @@ def remove(model: nn.Module) -> nn.Module:
         if host.merged:
             host.unmerge()
         _set_submodule(model, path, host.base_layer)
-    for _, attachment in state.attachments.values():
-        attachment.detach()
+    named.detach_all(model, named.named_of(model).states.values() if named.NAMED_ATTR in model.__dict__ else [state])
     shared.drop(model)
     for name, param in model.named_parameters():
         param.requires_grad_(state.requires_grad.get(name, param.requires_grad))

@@ -12,10 +12,24 @@ names. Per layer the output of the active adapters ``a_1..a_k`` is::
     y = reparam_a(W0, update_a)(x)                k = 1
     y = W0 x + b + sum_i ΔW_i x                   k > 1, every a_i additive
 
-A reparam that rescales the whole weight (MAP, DoRA) cannot be summed: activating it with
-another adapter on the same layer is refused. ``rows`` groups the batch rows by adapter and
-runs each group [n_g, ...] through its own path, scattering the outputs back into [B, ...].
-Switching only rewrites per-layer lists and ``requires_grad`` flags: O(adapter size).
+A reparam that rescales the whole weight (MAP, DoRA, LoRMA's multiplicative forms) cannot be
+summed: activating it with another adapter on the same layer is refused. ``rows`` groups the
+batch rows by adapter and runs each group [n_g, ...] through its own path, scattering the
+outputs back into [B, ...]. Switching only rewrites per-layer lists, flags on the attachments
+and ``requires_grad`` flags: O(adapter size).
+
+Attention and module adapters (LMAM, bottleneck) take part when their :class:`Attachment`
+declares ``switchable`` (see :mod:`modapt.attachment`): the core sets ``enabled`` and ``rows``
+on them, and moves the tensors of a further adapter on a module that already holds one to
+``<module>.modapt_adapters.<name>``. Two of them active at once on one module are refused
+(each replaces what the module computes; there is no sum to take).
+
+``modules_to_save``: a model's FIRST adapter trains the base module itself in place, as a
+single-adapter model always did (no copy kept, so the base values are gone): such an adapter
+holds a model alone. A FURTHER adapter's ``modules_to_save`` get a trainable copy of the
+(untouched) base module at ``<path>.modapt_adapters.<name>``; the module's forward is routed
+(an instance-level ``forward``) to the active adapter's copy, to the base when none, and per
+row inside ``rows``. Saving that adapter writes the copy under the module's own names.
 """
 
 from __future__ import annotations
@@ -78,6 +92,7 @@ class Named:
     disabled: int = 0
     rows: list | None = None  # [(name or None, index tensor [n_g])] inside ``rows``
     view: object = None  # the AdapterState the training hooks see (active adapters only)
+    copies: dict = field(default_factory=dict)  # (name, path) -> a further adapter's modules_to_save copy
 
 
 def _apply_module():
@@ -158,8 +173,13 @@ def _check_summable(per_layer: dict[str, list]) -> None:
             if not sums_with_others(holder):
                 other = next(n for n, _ in items if n != name)
                 raise StateError(
-                    f"'{path}': adapter '{name}' ({holder.reparam.method_name}) rescales the whole weight and "
+                    f"'{path}': adapter '{name}' ({_method_of(holder)}) rescales the whole weight and "
                     f"cannot be summed with adapter '{other}' on the same layer; activate one of them")
+
+
+def _method_of(holder: AdaptedLayer) -> str:
+    reparam, update = holder.reparam.method_name, holder.update.method_name
+    return update if reparam == "additive" else f"{reparam}({update})"
 
 
 def sums_with_others(holder: AdaptedLayer) -> bool:
@@ -168,13 +188,152 @@ def sums_with_others(holder: AdaptedLayer) -> bool:
     return isinstance(reparam, Additive) and reparam.sums_with_others
 
 
-def _check_no_attachments(model: nn.Module, what: str) -> None:
+def _check_switchable(model: nn.Module, what: str) -> None:
     named = model.__dict__.get(NAMED_ATTR)
     states = named.states.values() if named is not None else [_state_of(model)]
     for state in states:
-        if state.attachments:
-            raise StateError(f"{what} is not supported yet for attention/module adapters "
-                             f"('{state.name}' holds {', '.join(sorted({m for m, _ in state.attachments.values()}))})")
+        fixed = sorted({m for m, a in state.attachments.values() if not a.switchable})
+        if fixed:
+            raise StateError(f"{what}: adapter '{state.name}' holds {', '.join(fixed)}, whose attachment does not "
+                             "declare `switchable` (it cannot be turned off or restricted to rows)")
+        in_place = [p for p in state.modules_to_save if (state.name, p) not in _copies(model)]
+        if in_place:
+            raise StateError(f"{what}: adapter '{state.name}' trains modules_to_save in place "
+                             f"({', '.join(in_place)}), as a model's first adapter does; the base values are not "
+                             "kept (load it as a further adapter beside another to keep them)")
+
+
+def _check_one_attachment_per_module(model: nn.Module, names: Sequence[str]) -> None:
+    named = named_of(model)
+    seen: dict[int, str] = {}
+    for name in names:
+        for path, (_, att) in named.states[name].attachments.items():
+            other = seen.setdefault(id(att.module), name)
+            if other != name:
+                raise StateError(f"'{path}': adapters '{other}' and '{name}' both hold an attention/module adapter "
+                                 "on this module, and each replaces what it computes; activate one of them")
+
+
+def _copies(model: nn.Module) -> dict:
+    """(adapter name, module path) -> that adapter's copy of a modules_to_save module."""
+    named = model.__dict__.get(NAMED_ATTR)
+    return named.copies if named is not None else {}
+
+
+def saved_module(model: nn.Module, state, path: str) -> nn.Module:
+    """The module that holds adapter ``state``'s trained copy of modules_to_save ``path``."""
+    return _copies(model).get((state.name, path)) or model.get_submodule(path)
+
+
+def _check_one_copy_per_module(model: nn.Module, names: Sequence[str]) -> None:
+    seen: dict[str, str] = {}
+    for (name, path) in _copies(model):
+        if name in names and seen.setdefault(path, name) != name:
+            raise StateError(f"'{path}': adapters '{seen[path]}' and '{name}' both hold a modules_to_save copy of "
+                             "this module, and each replaces it; activate one of them")
+
+
+def _add_copies(model: nn.Module, state, recipe) -> None:
+    """A trainable copy of each modules_to_save module of a further adapter (see module doc)."""
+    import copy
+    import types
+
+    apply_mod = _apply_module()
+    named = named_of(model)
+    for path in apply_mod._modules_to_save(model, recipe):
+        module = model.get_submodule(path)
+        slots, forward = module._modules.pop(SLOTS, None), module.__dict__.pop("forward", None)
+        try:  # the copy is of the base module alone (not of the others' copies, nor of the routing)
+            twin = copy.deepcopy(module)
+        finally:
+            if slots is not None:
+                module._modules[SLOTS] = slots
+            if forward is not None:
+                module.__dict__["forward"] = forward
+        twin.requires_grad_(True)
+        if SLOTS not in module._modules:
+            module.add_module(SLOTS, nn.ModuleDict())
+        module._modules[SLOTS][state.name] = twin
+        if not isinstance(forward, types.MethodType) or forward.__func__ is not _forward_saved:
+            module.__dict__["_modapt_forward"] = forward  # an instance forward already there (accelerate's hooks)
+            module.__dict__["forward"] = types.MethodType(_forward_saved, module)  # a bound method survives deepcopy
+        named.copies[(state.name, path)] = twin
+        state.modules_to_save.append(path)
+
+
+def _drop_copies(model: nn.Module, states) -> None:
+    named = model.__dict__.get(NAMED_ATTR)
+    if named is None:
+        return
+    for state in states:
+        for path in state.modules_to_save:
+            twin = named.copies.pop((state.name, path), None)
+            if twin is None:
+                continue
+            module = model.get_submodule(path)
+            slots = module._modules[SLOTS]
+            del slots[state.name]
+            if not len(slots):
+                del module._modules[SLOTS]
+            if not any(p == path for _, p in named.copies):
+                module.__dict__.pop("forward", None)
+                module.__dict__.pop("_modapt_saved", None)
+                before = module.__dict__.pop("_modapt_forward", None)
+                if before is not None:
+                    module.__dict__["forward"] = before
+
+
+def _forward_saved(module: nn.Module, *args, **kwargs):
+    """A modules_to_save module with copies: the active copy, the base, or per row (``rows``)."""
+    plan = module.__dict__.get("_modapt_saved")
+    before = module.__dict__.get("_modapt_forward")
+
+    def base(_, *a, **k):
+        return before(*a, **k) if before is not None else type(module).forward(module, *a, **k)
+
+    if plan is None:
+        return base(module, *args, **kwargs)
+    if isinstance(plan, nn.Module):
+        return plan(*args, **kwargs)
+    x, rest = args[0], args[1:]
+    out = None
+    for idx, twin in plan:
+        part = x.index_select(0, idx)
+        y = twin(part, *rest, **kwargs) if twin is not None else base(module, part, *rest, **kwargs)
+        if out is None:
+            out = y.new_empty((x.shape[0], *y.shape[1:]))
+        out.index_copy_(0, idx, y)
+    return out
+
+
+def detach_all(model: nn.Module, states) -> None:
+    """Take the attachments and modules_to_save copies of ``states`` off the model."""
+    detach_attachments(states)
+    _drop_copies(model, states)
+
+
+def attachment_parameters(path: str, att) -> Iterator[tuple[str, nn.Parameter]]:
+    """(single-adapter name ``<path>.<key>...``, parameter) for each tensor of a switchable attachment."""
+    holder = att.holder
+    for key in att.keys():
+        if holder._parameters.get(key) is not None:
+            yield f"{path}.{key}", holder._parameters[key]
+        elif key in holder._modules:
+            for sub, param in holder._modules[key].named_parameters():
+                yield f"{path}.{key}.{sub}", param
+
+
+def detach_attachments(states) -> None:
+    """Take the attachments of ``states`` off their modules, with the holders the core made."""
+    for state in states:
+        for _, att in state.attachments.values():
+            att.detach()
+            if att.holder is not att.module:
+                slots = att.module._modules.get(SLOTS)
+                for key in [k for k, v in slots.items() if v is att.holder]:
+                    del slots[key]
+                if not len(slots):
+                    del att.module._modules[SLOTS]
 
 
 def refresh(model: nn.Module) -> None:
@@ -195,14 +354,29 @@ def refresh(model: nn.Module) -> None:
         else:
             host._route = _forward_active
     named.view = _active_view(model, named, names)
+    row_index = dict(named.rows) if named.rows is not None else None
     for name, state in named.states.items():
         on = name in names
+        for path, (_, att) in state.attachments.items():
+            if row_index is not None:
+                att.enabled, att.rows = name in row_index, row_index.get(name)
+            else:
+                att.enabled, att.rows = on, None
+            for _, param in attachment_parameters(path, att):
+                param.requires_grad_(on)
         for holder in state.layers.values():
             for key, param in _own_parameters(holder):
                 param.requires_grad_(on)
         for path in state.modules_to_save:
-            for param in model.get_submodule(path).parameters():
+            for param in saved_module(model, state, path).parameters():
                 param.requires_grad_(on)
+    for path in {p for _, p in named.copies}:
+        twins = {n: t for (n, p), t in named.copies.items() if p == path}
+        if named.rows is not None:  # [(row indices [n_g], copy or None: the base)]
+            plan = [(idx, twins.get(n)) for n, idx in named.rows]
+        else:  # set_active lets at most one active adapter hold a copy of a module
+            plan = next((twins[n] for n in names if n in twins), None)
+        model.get_submodule(path).__dict__["_modapt_saved"] = plan
 
 
 def _active_view(model: nn.Module, named: Named, names: list[str]):
@@ -287,6 +461,8 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     if any(h.merged for h in hosts(model).values()):
         raise StateError("set_active on a merged model (modapt.unmerge first)")
     _check_summable(_holders(model, names))
+    _check_one_attachment_per_module(model, names)
+    _check_one_copy_per_module(model, names)
     named.active = names
     refresh(model)
 
@@ -294,7 +470,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block every adapter is off: the base model's outputs, bit for bit."""
-    _check_no_attachments(model, "modapt.disabled")
+    _check_switchable(model, "modapt.disabled")
     if any(h.merged for h in hosts(model).values()):
         raise StateError("modapt.disabled on a merged model: its base weights hold W* (modapt.unmerge first)")
     named = named_of(model)
@@ -317,7 +493,7 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     [n_g, ...] through that adapter alone and scatters the outputs back to [B, ...]. The
     caller's batch must have ``len(names)`` rows (checked at every adapted layer).
     """
-    _check_no_attachments(model, "modapt.rows")
+    _check_switchable(model, "modapt.rows")
     if any(h.merged for h in hosts(model).values()):
         raise StateError("modapt.rows on a merged model (modapt.unmerge first)")
     named = named_of(model)
@@ -337,11 +513,12 @@ def rows(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     batch = len(names)
 
     def check(module, args, kwargs):
-        x = args[0] if args else next(iter(kwargs.values()))
-        if x.shape[0] != batch:
+        x = args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None))
+        if isinstance(x, torch.Tensor) and x.shape[0] != batch:
             raise StateError(f"modapt.rows got {batch} names but the batch has {x.shape[0]} rows")
 
-    handles = [h.register_forward_pre_hook(check, with_kwargs=True) for h in hosts(model).values()]
+    checked = list(hosts(model).values()) + [a.module for s in named.states.values() for _, a in s.attachments.values()]
+    handles = [m.register_forward_pre_hook(check, with_kwargs=True) for m in checked]
     refresh(model)
     try:
         yield model
@@ -366,13 +543,14 @@ def add(model: nn.Module, recipe, name: str, registry, autocast_adapter_dtype: b
     plan = _plan_on_base(model, recipe, registry)
     # the base flags from before the first adapter, so that remove() restores them whichever stays
     state = apply_mod.AdapterState(recipe, name=name, requires_grad=_state_of(model).requires_grad)
-    if any(registry.method(spec.method).family not in apply_mod.WEIGHT_FAMILIES for _, _, spec in plan) \
-            or recipe.modules_to_save or any(s.attachments for s in named.states.values()):
-        raise StateError("several named adapters on one model are supported for weight adapters only "
-                         "(attention/module adapters and modules_to_save hold one adapter per model)")
+    _check_switchable(model, f"adding adapter '{name}'")
     created: list[str] = []
     try:
         for path, entry_path, spec in plan:
+            if registry.method(spec.method).family not in apply_mod.WEIGHT_FAMILIES:
+                with shared.applying(model):
+                    _attach(model, state, name, path, entry_path, spec, registry, autocast_adapter_dtype)
+                continue
             owner = model.get_submodule(path)
             if not isinstance(owner, AdaptedLayer):
                 owner = AdaptedLayer(owner)
@@ -400,13 +578,87 @@ def add(model: nn.Module, recipe, name: str, registry, autocast_adapter_dtype: b
             owner._modules[SLOTS][name] = slot
             state.layers[path] = slot
             state.base_keys[path] = f"{path}.weight"
+        _add_copies(model, state, recipe)
     except BaseException:
+        detach_all(model, [state])
         _drop_layers(model, state)
         for path in created:
             apply_mod._set_submodule(model, path, model.get_submodule(path).base_layer)
         raise
     named.states[name] = state
     refresh(model)
+
+
+def _attach(model: nn.Module, state, name: str, path: str, entry_path: str, spec, registry,
+            autocast_adapter_dtype: bool) -> None:
+    """Build an attention/module adapter of adapter ``name`` on ``path``. When the module already
+    holds another adapter's attachment under the flat keys, those keys are set aside during the
+    build and the new tensors moved to ``<path>.modapt_adapters.<name>`` (its ``holder``)."""
+    apply_mod = _apply_module()
+    from .errors import PluginError, RecipeError
+
+    method = registry.method(spec.method)
+    module = model.get_submodule(path)
+    flat = [a for s in named_of(model).states.values() for _, a in s.attachments.values()
+            if a.module is module and a.holder is module]
+    aside = _take(module, flat[0].keys()) if flat else {}
+    before = set(module._parameters) | set(module._buffers) | set(module._modules)
+    try:
+        attachment = method.build(module, spec.options, model)
+    except ValueError as exc:
+        _take(module, (set(module._parameters) | set(module._buffers) | set(module._modules)) - before)
+        _put(module, aside)
+        raise RecipeError(f"cannot adapt '{path}': {exc}", path=entry_path, source=state.recipe.source) from None
+    except Exception as exc:
+        _put(module, aside)
+        raise PluginError(f"plugin '{method.plugin}' ({method.distribution}) failed to build '{spec.method}' on "
+                          f"'{path}': {type(exc).__name__}: {exc}") from exc
+    if not attachment.switchable:
+        attachment.detach()
+        _put(module, aside)
+        raise StateError(f"adding adapter '{name}': {spec.method}'s attachment does not declare `switchable`, so it "
+                         "cannot share a model with other named adapters")
+    if flat:
+        holder = nn.Module()
+        _put(holder, _take(module, attachment.keys()))
+        _put(module, aside)
+        if SLOTS not in module._modules:
+            module.add_module(SLOTS, nn.ModuleDict())
+        module._modules[SLOTS][name] = holder
+        attachment.holder = holder
+    module.train(module.training)  # new submodules follow the module's mode
+    state.attachments[path] = (spec.method, attachment)
+    params = [p for _, p in attachment_parameters(path, attachment)]
+    reference = next((p for n, p in module.named_parameters() if f"{path}.{n}" in state.requires_grad), None)
+    if reference is not None:
+        buffers = [b for k in attachment.keys() for b in _buffers_under(attachment.holder, k)]
+        apply_mod._place(attachment.holder, params, buffers, reference, autocast_adapter_dtype)
+
+
+def _buffers_under(holder: nn.Module, key: str) -> list[torch.Tensor]:
+    if holder._buffers.get(key) is not None:
+        return [holder._buffers[key]]
+    return list(holder._modules[key].buffers()) if key in holder._modules else []
+
+
+def _take(module: nn.Module, keys) -> dict:
+    """Remove ``keys`` (parameters, buffers, children) from ``module``; what :func:`_put` puts back."""
+    out = {}
+    for key in keys:
+        for kind in ("_parameters", "_buffers", "_modules"):
+            store = getattr(module, kind)
+            if key in store:
+                persistent = key not in module._non_persistent_buffers_set
+                module._non_persistent_buffers_set.discard(key)
+                out[key] = (kind, store.pop(key), persistent)
+    return out
+
+
+def _put(module: nn.Module, taken: dict) -> None:
+    for key, (kind, value, persistent) in taken.items():
+        getattr(module, kind)[key] = value
+        if kind == "_buffers" and not persistent:
+            module._non_persistent_buffers_set.add(key)
 
 
 def _plan_on_base(model, recipe, registry):
@@ -461,6 +713,7 @@ def delete(model: nn.Module, name: str) -> None:
     state = named.states[name]
     if any(h.merged for h in state.layers.values()):
         raise StateError(f"adapter '{name}' is merged (modapt.unmerge first)")
+    detach_all(model, [state])
     _drop_layers(model, state)
     del named.states[name]
     named.active = [n for n in named.active if n != name]
@@ -546,6 +799,8 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
     - ``cat`` (rank Σ r_i): A = [w_i s_i A_i] stacked, B = [B_i] side by side: ΔW = Σ w_i ΔW_i exactly.
     - ``svd`` (rank ``svd_rank`` or max r_i): the truncated SVD of Σ w_i ΔW_i, B = U S, A = Vh.
 
+    Embedding LoRAs combine by the same formulas (A [r, vocab], B [dim, r], ΔW = B A as PEFT's
+    ``lora_embedding_A/B``; PEFT transposes its embedding ΔW before the SVD, which is this B A).
     The new adapter is inactive until ``set_active``. Others than the LoRA family are refused.
     """
     from .apply import apply as apply_fn
@@ -591,7 +846,8 @@ def combine(model: nn.Module, weights: dict[str, float], name: str, how: str = "
         holder = named_of(model).states[name].layers[path]
         if tuple(holder.lora_A.weight.shape) != tuple(a.shape):
             delete(model, name)
-            raise StateError(f"combine: '{path}' is not a linear layer (embedding LoRAs do not combine yet)")
+            raise StateError(f"combine: '{path}': the combined factors {tuple(b.shape)} x {tuple(a.shape)} do not "
+                             f"fit a LoRA of rank {rank} on this layer")
         holder.lora_A.weight.copy_(a)
         holder.lora_B.weight.copy_(b)
     return model

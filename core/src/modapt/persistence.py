@@ -328,7 +328,7 @@ def load(model: nn.Module, directory: str | os.PathLike, name: str | None = None
     alone = not is_adapted(model)
     apply(model, recipe, name, registry=registry, autocast_adapter_dtype=autocast_adapter_dtype)
     try:
-        if verify_base and not expected and state_of(model).base_keys:
+        if verify_base and not expected and named_mod.state_named(model, name).base_keys:
             # "touches no base tensor" (attachments only) was recorded, but the recipe does touch some
             raise AdapterLoadError(f"{directory}: the adapter records no base fingerprint, but its recipe adapts "
                                    "base weights: the base it was trained on is unknown (pass verify_base=False "

@@ -187,20 +187,24 @@ class MethodConformance:
 
     def _two_named(self, family, registry, tmp_path):
         """Two single-adapter models of this recipe (different tensors), and one base holding
-        both, loaded from their folders as "one" and "two". Skips recipes that several named
-        adapters do not support yet (attention/module families, modules_to_save)."""
-        recipe = modapt.parse_recipe(self.recipes[family], registry)
-        families = {registry.method(m).family for m in recipe.methods()}
-        if recipe.modules_to_save or not families <= {"update", "reparam"}:
-            pytest.skip("several named adapters hold weight adapters without modules_to_save only (core README)")
+        both, loaded from their folders as "one" and "two". A model's first adapter trains its
+        modules_to_save in place (it then holds the model alone), so for a recipe with
+        modules_to_save the recipe without them is applied first as "anchor" and deleted once
+        "one" and "two" (each with its modules_to_save copy) are loaded."""
+        recipe = self.recipes[family]
         singles = {}
         for seed, name in enumerate(("one", "two"), start=1):
             singles[name] = self.adapted(family, registry).eval()
             perturb(singles[name], seed=seed)
             modapt.save(singles[name], tmp_path / name, registry=registry)
         both = self.build(family).eval()
+        if isinstance(recipe, dict) and recipe.get("modules_to_save"):
+            anchor = {k: v for k, v in recipe.items() if k != "modules_to_save"}
+            modapt.apply(both, anchor, name="anchor", registry=registry)
         for name in singles:
             modapt.load(both, tmp_path / name, name=name, registry=registry)
+        if "anchor" in modapt.adapters(both):
+            modapt.delete(both, "anchor")
         return singles, both
 
     def test_two_named_adapters_switch_and_disable(self, family, registry, tmp_path):
@@ -349,3 +353,66 @@ class MethodConformance:
             assert (merged - expected).abs().max() <= bound + self.merge_atol
             modapt.unmerge(model)
             torch.testing.assert_close(model_output(model, inputs), expected, atol=0, rtol=0)
+
+
+def check_named_beside_lora(other: dict, registry, tmp_path, build=None) -> None:
+    """An attention/module adapter (recipe entry ``other``) and a LoRA as named adapters "lora"
+    and "other" on one base, against a model holding each alone and the bare base (issue 36):
+    ``set_active`` each equals its model (1e-5), both active equal one recipe holding both
+    entries, ``disabled`` is the base bit for bit, ``rows(["lora", "other", None])`` equals the
+    three models row by row, and ``save(name="other")`` loads alone onto a fresh base equal.
+    A second adapter of the same entry on the same modules ("again", tensors under
+    ``modapt_adapters.again``) cannot be active with "other" (refused), but mixes per row."""
+    from .models import tiny_llama
+
+    build = build or tiny_llama
+    lora = {"method": "lora", "targets": ["q_proj", "v_proj", "up_proj"], "r": 4, "lora_alpha": 8.0}
+    inputs = tiny_inputs(batch=3)
+    singles, both = {}, modapt.apply(build().eval(), {"adapter": [lora, other]}, registry=registry)
+    perturb(both, seed=3)
+    for seed, (name, entry) in enumerate((("lora", lora), ("other", other), ("again", other)), start=1):
+        singles[name] = modapt.apply(build().eval(), {"adapter": [entry]}, registry=registry)
+        if name == "again":
+            perturb(singles[name], seed=seed)
+        else:
+            with torch.no_grad():  # "lora" and "other" are the two parts of the two-entry model
+                whole = modapt.adapter_state_dict(both)
+                for key, param in modapt.adapter_state_dict(singles[name]).items():
+                    param.copy_(whole[key])
+        modapt.save(singles[name], tmp_path / name, registry=registry)
+    base = build().eval()
+    multi = build().eval()
+    for name in singles:
+        modapt.load(multi, tmp_path / name, name=name, registry=registry)
+    assert any(".modapt_adapters.again." in k for k, _ in multi.named_parameters())
+    with torch.no_grad():
+        outs = {name: model_output(single, inputs) for name, single in singles.items()}
+        for name in singles:
+            modapt.set_active(multi, name)
+            torch.testing.assert_close(model_output(multi, inputs), outs[name], atol=1e-5, rtol=0)
+        modapt.set_active(multi, ["lora", "other"])
+        torch.testing.assert_close(model_output(multi, inputs), model_output(both, inputs), atol=1e-5, rtol=0)
+        with pytest.raises(modapt.StateError, match="both hold an attention/module adapter"):
+            modapt.set_active(multi, ["other", "again"])
+        assert modapt.active(multi) == ["lora", "other"]
+        with modapt.disabled(multi):
+            assert torch.equal(model_output(multi, inputs), model_output(base, inputs)), "disabled is not the base"
+        for names in (["lora", "other", None], ["again", None, "other"]):
+            with modapt.rows(multi, names):
+                mixed = model_output(multi, inputs)
+            for i, name in enumerate(names):
+                expected = model_output(singles[name] if name else base, inputs)[i]
+                torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
+    modapt.save(multi, tmp_path / "saved", name="again", registry=registry)
+    alone = modapt.load(build().eval(), tmp_path / "saved", registry=registry)
+    expected, loaded = modapt.adapter_state_dict(singles["again"]), modapt.adapter_state_dict(alone)
+    assert expected.keys() == loaded.keys(), "a saved named adapter must have single-adapter tensor names"
+    assert all(torch.equal(expected[k], loaded[k]) for k in expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(alone, inputs), outs["again"], atol=1e-5, rtol=0)
+    modapt.delete(multi, "other")  # the first attachment goes; "again" keeps its holder's names
+    modapt.set_active(multi, "again")
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(multi, inputs), outs["again"], atol=1e-5, rtol=0)
+    modapt.remove(multi)
+    assert multi.state_dict().keys() == base.state_dict().keys(), "remove left adapter tensors behind"

@@ -101,7 +101,15 @@ def _reads_residual(options: BottleneckOptions) -> bool:
 
 
 class BottleneckAttachment(modapt.Attachment):
-    """The adapters and hooks on one block. Not mergeable: merge/unmerge leave them active."""
+    """The adapters and hooks on one block. Not mergeable: merge/unmerge leave them active.
+
+    Switchable: the hooks read their adapter from ``holder`` and honour ``enabled`` (off: the
+    sub-block's output is returned untouched) and ``rows`` (only those batch rows get
+    ``s · A(·)`` added, by ``index_add``). Two bottlenecks of different named adapters on one
+    block each have their own hooks, run in the order they were added.
+    """
+
+    switchable = True
 
     def __init__(self, block: nn.Module, options: BottleneckOptions, sites: dict[str, Site], d: int):
         super().__init__(block, options)
@@ -126,19 +134,31 @@ class BottleneckAttachment(modapt.Attachment):
     # The hooks look the adapter up on the block at call time: .to(), load_state_dict and
     # parameter replacement act on the registered child, never on a stale reference.
     def _adapter(self, key: str) -> BottleneckAdapter:
-        return self.module._modules[key]
+        return self.holder._modules[key]
+
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.names)
+
+    def _added(self, key: str, f, x):
+        """f + s · A(x) on the adapted rows: every row, or ``rows`` (f, x [B, ...])."""
+        if self.rows is None:
+            return f + self.scale * self._adapter(key)(x)
+        return f.index_add(0, self.rows, self.scale * self._adapter(key)(x.index_select(0, self.rows)))
 
     def _series_hook(self, key):
         def hook(module, args, output):
+            if not self.enabled:
+                return None
             out = _first(output)
-            return _replace_first(output, out + self.scale * self._adapter(key)(out))
+            return _replace_first(output, self._added(key, out, out))
         return hook
 
     def _hook_parallel(self, site: Site, key: str) -> None:
         if site.input is site.output:
             def hook(module, args, kwargs, output):
-                branch = self._adapter(key)(_hidden_states(args, kwargs, module))
-                return _replace_first(output, _first(output) + self.scale * branch)
+                if not self.enabled:
+                    return None
+                return _replace_first(output, self._added(key, _first(output), _hidden_states(args, kwargs, module)))
             self.handles.append(site.output.register_forward_hook(hook, with_kwargs=True))
             return
         # BERT: the sub-block's input is seen by one module, its pre-residual output by another
@@ -162,9 +182,11 @@ class BottleneckAttachment(modapt.Attachment):
         def add(module, args, output):
             if not stash:
                 raise modapt.StateError(f"{key}: the sub-block output was computed without its input being seen")
+            seen = stash.pop()
+            if not self.enabled:
+                return None
             f = _first(output)
-            branch = self._adapter(key)(adapter_input(f, stash.pop()))
-            return _replace_first(output, f + self.scale * branch)
+            return _replace_first(output, self._added(key, f, adapter_input(f, seen)))
 
         self.handles.append(source.register_forward_pre_hook(remember, with_kwargs=True))
         self.handles.append(target.register_forward_hook(add))
@@ -174,7 +196,7 @@ class BottleneckAttachment(modapt.Attachment):
             handle.remove()
         self.handles.clear()
         for key in self.names:
-            delattr(self.module, key)
+            delattr(self.holder, key)
         self.names.clear()
 
 

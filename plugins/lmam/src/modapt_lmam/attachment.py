@@ -43,32 +43,51 @@ def original_implementation(config) -> str | None:
 
 
 class LmamAttachment(modapt.Attachment):
-    """LMAM on one attention module: parameters ``lmam_Wa``, ``lmam_Wb`` (or ``lmam_W``) on it."""
+    """LMAM on one attention module: parameters ``lmam_Wa``, ``lmam_Wb`` (or ``lmam_W``) on its
+    ``holder`` (the module itself, or ``modapt_adapters.<name>`` for a further named adapter).
 
-    def __init__(self, module: nn.Module, options: LmamOptions, config):
+    Switchable: the attention function reads ``enabled``/``rows`` of every LMAM attachment of
+    the module (its list ``_modapt_lmam_all``) and routes each batch row (:mod:`.interface`).
+    """
+
+    switchable = True
+
+    def __init__(self, module: nn.Module, options: LmamOptions, config, spec: interface.Spec):
         super().__init__(module, options)
         self.config = config
+        self.spec = spec
+
+    def keys(self) -> tuple[str, ...]:
+        held = set(self.holder._parameters) | set(self.holder._buffers)
+        return tuple(k for k in (*attention_map.PARAMETERS, *attention_map.BUFFERS) if k in held)
 
     def detach(self) -> None:
-        attention_map.remove_all(self.module)
-        self.module.__dict__.pop(interface.SPEC_ATTR, None)
+        attention_map.remove_all(self.holder)
+        attached = self.module.__dict__.get(interface.ATTACHED, [])
+        if self in attached:
+            attached.remove(self)
+        if attached:
+            self.module.__dict__[interface.SPEC_ATTR] = attached[0].spec
+        else:
+            self.module.__dict__.pop(interface.ATTACHED, None)
+            self.module.__dict__.pop(interface.SPEC_ATTR, None)
         release_config(self.config)
 
     def merge(self) -> None:
         """Precompute the constant Attn_s [h_s, n, n] (buffer ``lmam_attn_s``); parameters stay."""
         with torch.no_grad():
-            attn_s = attention_map.compute_map(self.module, self.options.scale).detach().clone()
+            attn_s = attention_map.compute_map(self.holder, self.options.scale).detach().clone()
         self.unmerge()
-        self.module.register_buffer(attention_map.MERGED, attn_s, persistent=False)
+        self.holder.register_buffer(attention_map.MERGED, attn_s, persistent=False)
 
     def unmerge(self) -> None:
         for name in (attention_map.MERGED, attention_map.GRAPH):  # the export's constant derives from the map
-            self.module._buffers.pop(name, None)
-            self.module._non_persistent_buffers_set.discard(name)
+            self.holder._buffers.pop(name, None)
+            self.holder._non_persistent_buffers_set.discard(name)
 
     @property
     def merged(self) -> bool:
-        return self.module._buffers.get(attention_map.MERGED) is not None
+        return self.holder._buffers.get(attention_map.MERGED) is not None
 
 
 def build(module: nn.Module, options: LmamOptions, model: nn.Module) -> LmamAttachment:
@@ -101,7 +120,10 @@ def build(module: nn.Module, options: LmamOptions, model: nn.Module) -> LmamAtta
                          f"(accepted: {', '.join(str(d) for d in range(1, heads + 1) if heads % d == 0)})")
     attention_map.add_parameters(module, options, lmam_heads)
     causal = bool(getattr(module, "is_causal", False)) and bool(getattr(config, "is_causal", True))
-    module.__dict__[interface.SPEC_ATTR] = interface.Spec(
-        n=options.n, scale=options.scale, align=options.align, nonnegative=options.nonnegative, causal=causal)
+    spec = interface.Spec(n=options.n, scale=options.scale, align=options.align, nonnegative=options.nonnegative,
+                          causal=causal)
+    module.__dict__.setdefault(interface.SPEC_ATTR, spec)  # the first LMAM of the module (export reads it)
     switch_config(config, base)
-    return LmamAttachment(module, options, config)
+    attachment = LmamAttachment(module, options, config, spec)
+    module.__dict__.setdefault(interface.ATTACHED, []).append(attachment)
+    return attachment

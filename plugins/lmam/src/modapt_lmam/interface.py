@@ -35,6 +35,7 @@ from .attention_map import current_map
 PREFIX = "lmam+"
 SUPPORTED_BASES = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4")
 SPEC_ATTR = "_modapt_lmam"
+ATTACHED = "_modapt_lmam_all"  # the module's LmamAttachments (several with named adapters)
 
 
 @dataclass(frozen=True)
@@ -92,29 +93,69 @@ def _make_attention(base: str):
         spec = module.__dict__.get(SPEC_ATTR)
         if spec is None:
             return forward(module, query, key, value, attention_mask, **kwargs)
-        q, length, heads = query.shape[2], key.shape[2], query.shape[1]
-        if spec.align == "head" and isinstance(length, int) and length - q >= spec.n:
-            return forward(module, query, key, value, attention_mask, **kwargs)  # decoding past the map
-        if (base == "sdpa" and spec.nonnegative is False and torch.compiler.is_exporting()
-                and graph_term.applies(module, attention_mask, query, key, kwargs)):
-            return graph_term.attention(module, query, key, value, attention_mask, spec.n, spec.align, **kwargs)
-        attn_s = current_map(module, spec.scale)
-        if spec.nonnegative is True:
-            if attention_mask is None or attention_mask.dim() != 4:
-                raise RuntimeError("LMAM's nonnegative = true needs a 4D attention mask (eager or sdpa attention)")
-            biased = term.scores_bias(attention_mask, attn_s, heads, q, length, spec.align)
-            return forward(module, query, key, value, biased, **kwargs)
-        output, weights = forward(module, query, key, value, attention_mask, **kwargs)
-        blk = term.block(attn_s, q, length, attention_mask, causal=spec.causal, align=spec.align)
-        added = term.block_weights(blk, heads, spec.nonnegative == "softmax")
-        values = term.block_values(value, blk)
-        output = term.add_rows(output, term.apply_weights(added, values), spec.align)
-        if weights is not None and not tracing() and weights.dim() == 4 and weights.shape[-1] == length:
-            weights = term.add_to_weights(weights, added, blk, q)
-        return output, weights
+        attached = module.__dict__.get(ATTACHED)
+        if attached is None:  # a deep copy's or an older state: the module's own parameters
+            return _with_map(module, spec, module, base, forward, query, key, value, attention_mask, **kwargs)
+        if len(attached) == 1 and attached[0].rows is None:  # one adapter (or one active): no routing
+            only = attached[0]
+            if not only.enabled:
+                return forward(module, query, key, value, attention_mask, **kwargs)
+            return _with_map(module, only.spec, only.holder, base, forward, query, key, value, attention_mask,
+                             **kwargs)
+        return _routed(module, attached, base, forward, query, key, value, attention_mask, **kwargs)
 
     lmam_attention.__name__ = f"lmam_{base}_attention"
     return lmam_attention
+
+
+def _with_map(module, spec: Spec, holder, base: str, forward, query, key, value, attention_mask, **kwargs):
+    """The base attention plus the LMAM term of the map held by ``holder`` (one adapter)."""
+    q, length, heads = query.shape[2], key.shape[2], query.shape[1]
+    if spec.align == "head" and isinstance(length, int) and length - q >= spec.n:
+        return forward(module, query, key, value, attention_mask, **kwargs)  # decoding past the map
+    if (base == "sdpa" and spec.nonnegative is False and torch.compiler.is_exporting()
+            and graph_term.applies(module, attention_mask, query, key, kwargs)):
+        return graph_term.attention(module, query, key, value, attention_mask, spec.n, spec.align, **kwargs)
+    attn_s = current_map(holder, spec.scale)
+    if spec.nonnegative is True:
+        if attention_mask is None or attention_mask.dim() != 4:
+            raise RuntimeError("LMAM's nonnegative = true needs a 4D attention mask (eager or sdpa attention)")
+        biased = term.scores_bias(attention_mask, attn_s, heads, q, length, spec.align)
+        return forward(module, query, key, value, biased, **kwargs)
+    output, weights = forward(module, query, key, value, attention_mask, **kwargs)
+    blk = term.block(attn_s, q, length, attention_mask, causal=spec.causal, align=spec.align)
+    added = term.block_weights(blk, heads, spec.nonnegative == "softmax")
+    values = term.block_values(value, blk)
+    output = term.add_rows(output, term.apply_weights(added, values), spec.align)
+    if weights is not None and not tracing() and weights.dim() == 4 and weights.shape[-1] == length:
+        weights = term.add_to_weights(weights, added, blk, q)
+    return output, weights
+
+
+def _routed(module, attached, base: str, forward, query, key, value, attention_mask, **kwargs):
+    """Several named LMAM adapters on one module (``modapt.named``): the base attention for
+    every row, then each enabled adapter recomputes its rows (all rows when ``rows`` is None)
+    and writes them over: outputs [B, q, h, d], weights [B, h, q, L] scattered on dim 0."""
+    if all(one.rows is None for one in attached):  # switched, not mixed: one adapter per module is active
+        on = next((one for one in attached if one.enabled), None)
+        if on is None:
+            return forward(module, query, key, value, attention_mask, **kwargs)
+        return _with_map(module, on.spec, on.holder, base, forward, query, key, value, attention_mask, **kwargs)
+    output, weights = forward(module, query, key, value, attention_mask, **kwargs)
+    batch = query.shape[0]
+    for one in attached:
+        if not one.enabled or one.rows is None or one.rows.numel() == 0:
+            continue
+        idx = one.rows
+        mask = attention_mask
+        if isinstance(mask, torch.Tensor) and mask.dim() >= 1 and mask.shape[0] == batch and batch > 1:
+            mask = mask.index_select(0, idx)
+        out, w = _with_map(module, one.spec, one.holder, base, forward, query.index_select(0, idx),
+                           key.index_select(0, idx), value.index_select(0, idx), mask, **kwargs)
+        output = output.index_copy(0, idx, out)
+        if weights is not None and w is not None:
+            weights = weights.index_copy(0, idx, w)
+    return output, weights
 
 
 def _make_mask(base: str):

@@ -41,6 +41,11 @@ RECOMPUTE_WEIGHT = False
 class Lorma(Update):
     """LoRMA on one layer. ``self.d`` is the size of T; ``self.scaling`` is s = lora_alpha / r."""
 
+    # W* = T·W0 (or W0·T) for every inflation: the update rescales the whole weight, so on a
+    # layer it must be the only active named adapter (modapt.named refuses a sum with another;
+    # the ``pi`` weight path even returns the whole layer output)
+    rescales_weight = True
+
     def __init__(self, host: nn.Module, options: LormaOptions):
         super().__init__(host, options)
         base = host.base_layer
