@@ -132,8 +132,7 @@ def skeleton(base_dir: str | os.PathLike, config_overrides: dict | None = None) 
     import transformers
 
     base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise CheckpointError(f"{base_dir}: no config.json (a transformers checkpoint folder is expected)")
+    read_base_config(base_dir)  # size, depth and JSON checked before transformers parses it
     try:
         config = transformers.AutoConfig.from_pretrained(base_dir, **(config_overrides or {}))
     except Exception as exc:
@@ -364,12 +363,32 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     return out_dir
 
 
-def _quantization_config(base_dir: Path) -> dict | None:
+def read_base_config(base_dir: Path) -> dict:
+    """The base's ``config.json`` as a dict, read under :mod:`modapt.untrusted`'s size and depth limits.
+
+    A downloaded checkpoint's config can be nested deep enough to make ``json.loads`` raise
+    ``RecursionError``, or be gigabytes long: either is a one-line :class:`CheckpointError`
+    naming the file, raised before transformers parses it.
+    """
+    from modapt.untrusted import UntrustedFileError, read_json
+
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{base_dir}: no config.json (a transformers checkpoint folder is expected)")
     try:
-        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # the streaming path reports a missing or broken config
-    return config.get("quantization_config") if isinstance(config, dict) else None
+        config = read_json(path)
+    except UntrustedFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object (a transformers config is expected)")
+    return config
+
+
+def _quantization_config(base_dir: Path) -> dict | None:
+    if not (base_dir / "config.json").is_file():
+        return None  # the streaming path reports the missing config with the rest of the folder
+    qconfig = read_base_config(base_dir).get("quantization_config")
+    return qconfig if isinstance(qconfig, dict) and qconfig else None
 
 
 def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
@@ -397,7 +416,7 @@ def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | o
     source = read_adapter(adapter_dir, registry)
     check_mergeable(source.recipe, registry)
     qconfig = _quantization_config(base_dir) or {}
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_base_config(base_dir)
     if dtype is None:
         name = (qconfig.get("bnb_4bit_compute_dtype") or config.get("dtype") or config.get("torch_dtype")
                 or "float32")
@@ -598,7 +617,7 @@ def _copy_side_files(base_dir: Path, out: Path, untie: list[str]) -> None:
             continue
         shutil.copy2(path, out / path.name)
     if untie:
-        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+        config = read_base_config(base_dir)
         config["tie_word_embeddings"] = False
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
