@@ -119,6 +119,10 @@ def run_onnx(args) -> int:
 
     from .progress import Progress
 
+    if args.quiet:  # transformers' own "Loading weights" bar is a stage report too
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     manifest = export_onnx_pretrained(
         args.base, args.out, args.task, adapter=args.adapter, dtype=dtype, device=args.device,

@@ -272,12 +272,18 @@ def _initializer_bytes(proto) -> int:
 def _save(proto, path: Path, external: bool) -> None:
     import onnx
 
-    if external:
-        # size_threshold stays at 1 KiB: shape constants must remain inline for ONNX Runtime
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    try:
+        if external:
+            # size_threshold stays at 1 KiB: shape constants must remain inline for ONNX Runtime
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(path))
+    except OSError as exc:
+        # a failed write() (full disk, ulimit -f) carries no file name: name the one being written
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 def _ir_of(path: Path) -> int:
