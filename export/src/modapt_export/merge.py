@@ -86,6 +86,7 @@ class AdapterSource:
     tensors: dict[str, torch.Tensor]
     fingerprint: dict[str, dict] | None
     origin: str  # "modapt" or "peft"
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT's stored shared state (VeRA's vera_A...)
 
 
 @dataclass
@@ -114,10 +115,11 @@ def read_adapter(directory: str | os.PathLike, registry: Registry | None = None)
         except UntrustedFileError as exc:
             raise modapt.AdapterLoadError(str(exc)) from None
         if isinstance(raw, dict) and "peft_type" in raw and raw.get("format") != persistence.FORMAT:
-            from .peft_format import read_peft_adapter
+            from .peft_format import read_peft_adapter, split_shared
 
             recipe, tensors = read_peft_adapter(directory, registry)
-            return AdapterSource(directory, parse_recipe(recipe, registry), tensors, None, "peft")
+            tensors, shared = split_shared(tensors)
+            return AdapterSource(directory, parse_recipe(recipe, registry), tensors, None, "peft", shared)
     config = persistence.read_config(directory)
     try:
         recipe = parse_recipe(config["recipe"], registry)
@@ -196,17 +198,42 @@ def plan_layers(model: nn.Module, source: AdapterSource, registry: Registry) -> 
     return plans, saved
 
 
-def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Registry) -> AdaptedLayer:
+def build_shared(model: nn.Module, plans: list[LayerPlan], registry: Registry) -> None:
+    """Build every layer's adapter once on its ``meta`` module so that state shared across layers
+    (:mod:`modapt.shared`, VeRA's A [r, in_max] and B [out_max, r]) reaches its final size on the
+    skeleton before the first layer is merged (the sizes are maxima over all adapted layers).
+
+    A method without shared state only allocates its own per-layer tensors here, freed at once.
+    """
+    from modapt import shared
+
+    with shared.applying(model):
+        for plan in plans:
+            try:
+                build_weight_adapter(AdaptedLayer(copy.deepcopy(plan.module)), plan.spec, registry)
+            except ValueError as exc:
+                raise MergeError(f"cannot rebuild the adapter of '{plan.path}': {exc}") from None
+
+
+def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Registry,
+               model: nn.Module | None = None) -> AdaptedLayer:
     """A one-layer host: the layer's module with its real base tensors, the adapter built and loaded.
 
-    ``get(key)`` reads one base tensor (weight [out, in] as stored, bias [out]).
+    ``get(key)`` reads one base tensor (weight [out, in] as stored, bias [out]); ``model``: the
+    skeleton holding the shared state :func:`build_shared` made (methods that use some need it).
     """
+    from modapt import shared
+
     module = copy.deepcopy(plan.module)  # meta: costs nothing, keeps class and options (padding_idx...)
     for name, _ in list(module.named_parameters(recurse=False)):
         setattr(module, name, nn.Parameter(get(f"{plan.path}.{name}"), requires_grad=False))
     host = AdaptedLayer(module)
     try:
-        build_weight_adapter(host, plan.spec, registry)
+        if model is None:
+            build_weight_adapter(host, plan.spec, registry)
+        else:
+            with shared.applying(model):
+                build_weight_adapter(host, plan.spec, registry)
     except ValueError as exc:
         raise MergeError(f"cannot rebuild the adapter of '{plan.path}': {exc}") from None
     update = host.update
@@ -228,9 +255,10 @@ def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Re
     return host
 
 
-def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool) -> torch.Tensor:
+def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool, model: nn.Module | None = None
+                  ) -> torch.Tensor:
     """W* of one layer, laid out and typed as the checkpoint stores its weight."""
-    host = build_host(plan, get, registry)
+    host = build_host(plan, get, registry, model)
     try:
         stored = layers.to_storage(host.base_layer, host.merged_weight()).contiguous()
     finally:
@@ -286,6 +314,11 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     check_mergeable(source.recipe, registry)
     model = skeleton(base_dir)
     plans, saved = plan_layers(model, source, registry)
+    build_shared(model, plans, registry)
+    if source.shared:
+        from .peft_format import check_shared
+
+        check_shared(model, source.shared, source.directory)
 
     touched: dict[str, Callable[[], torch.Tensor]] = {}
     groups = {name: g for g in tie_groups(model) for name in g}
@@ -307,7 +340,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
 
     for plan in plans:
         locate(plan.key)  # a missing base tensor is reported now, before anything is written
-        touched[plan.key] = (lambda p=plan: merged_tensor(p, get, registry, safe))
+        touched[plan.key] = (lambda p=plan: merged_tensor(p, get, registry, safe, model))
     for path in saved:
         for name, tensor in source.tensors.items():
             if not name.startswith(path + "."):
