@@ -198,21 +198,42 @@ def plan_layers(model: nn.Module, source: AdapterSource, registry: Registry) -> 
     return plans, saved
 
 
-def build_shared(model: nn.Module, plans: list[LayerPlan], registry: Registry) -> None:
-    """Build every layer's adapter once on its ``meta`` module so that state shared across layers
-    (:mod:`modapt.shared`, VeRA's A [r, in_max] and B [out_max, r]) reaches its final size on the
-    skeleton before the first layer is merged (the sizes are maxima over all adapted layers).
+def build_shared(model: nn.Module, plans: list[LayerPlan], registry: Registry) -> dict[str, tuple]:
+    """Give state shared across layers (:mod:`modapt.shared`, VeRA's A [r, in_max] and B
+    [out_max, r]) its final size on the skeleton before the first layer is merged: its sizes
+    are maxima over all adapted layers, so a layer merged first would otherwise see a smaller
+    draw. Returns ``{buffer path: shape}`` of that state, which no later build may change.
 
-    A method without shared state only allocates its own per-layer tensors here, freed at once.
+    One layer per adapter entry is built on its ``meta`` module; only entries whose build
+    registered shared state get their other layers built too. A build that fails on ``meta``
+    (DoRA's row norms mix meta and CPU tensors) registers nothing and is left to the real build.
     """
     from modapt import shared
 
-    with shared.applying(model):
-        for plan in plans:
-            try:
-                build_weight_adapter(AdaptedLayer(copy.deepcopy(plan.module)), plan.spec, registry)
-            except ValueError as exc:
-                raise MergeError(f"cannot rebuild the adapter of '{plan.path}': {exc}") from None
+    def shared_count() -> int:
+        return len(getattr(model, shared.SHARED_ATTR, None) or {})
+
+    by_entry: dict[int, list[LayerPlan]] = {}
+    for plan in plans:
+        by_entry.setdefault(id(plan.spec), []).append(plan)
+    with shared.applying(model), torch.no_grad():
+        for entry_plans in by_entry.values():
+            before = shared_count()
+            for i, plan in enumerate(entry_plans):
+                try:
+                    build_weight_adapter(AdaptedLayer(copy.deepcopy(plan.module)), plan.spec, registry)
+                except Exception:  # noqa: BLE001 - see the docstring; the real build reports its own errors
+                    break
+                if i == 0 and shared_count() == before:
+                    break  # no shared state: its layers are built for real, one at a time
+    return _shared_shapes(model)
+
+
+def _shared_shapes(model: nn.Module) -> dict[str, tuple]:
+    from modapt import shared
+
+    table = getattr(model, shared.SHARED_ATTR, None)
+    return {name: tuple(b.shape) for name, b in table.named_buffers()} if table is not None else {}
 
 
 def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Registry,
@@ -259,6 +280,9 @@ def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool, model: n
                   ) -> torch.Tensor:
     """W* of one layer, laid out and typed as the checkpoint stores its weight."""
     host = build_host(plan, get, registry, model)
+    if model is not None and _shared_shapes(model) != getattr(model, "_modapt_merge_shared", {}):
+        raise MergeError(f"building '{plan.path}' changed the adapter state shared across layers after other "
+                         "layers were merged; this method cannot be merged one layer at a time")
     try:
         stored = layers.to_storage(host.base_layer, host.merged_weight()).contiguous()
     finally:
@@ -314,7 +338,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     check_mergeable(source.recipe, registry)
     model = skeleton(base_dir)
     plans, saved = plan_layers(model, source, registry)
-    build_shared(model, plans, registry)
+    model._modapt_merge_shared = build_shared(model, plans, registry)  # checked after each layer's build
     if source.shared:
         from .peft_format import check_shared
 
