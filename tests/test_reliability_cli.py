@@ -107,7 +107,8 @@ def test_merge_under_a_file_size_limit_is_one_line(root):
     _, status = os.waitpid(pid, 0)
     err = err_path.read_text()
     assert os.WEXITSTATUS(status) == 1, err
-    assert "file-size limit" in one_line(err)
+    line = one_line(err)
+    assert "file-size limit" in line and f"{root}/.out." in line and ".safetensors:" in line, line  # the shard
     assert no_output(root)
 
 

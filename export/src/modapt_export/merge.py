@@ -100,8 +100,14 @@ class LayerPlan:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # own key -> adapter tensor
 
 
-def read_adapter(directory: str | os.PathLike, registry: Registry | None = None) -> AdapterSource:
-    """Read a modapt adapter folder, or a PEFT one (``peft_type`` in its config)."""
+def read_adapter(directory: str | os.PathLike, registry: Registry | None = None, *,
+                 verify_base: bool = True) -> AdapterSource:
+    """Read a modapt adapter folder, or a PEFT one (``peft_type`` in its config).
+
+    With ``verify_base`` a modapt folder must record a well-formed base fingerprint (as
+    :func:`modapt.load` requires): ``base_fingerprint: {}`` or malformed entries mean an unknown
+    base, refused in one line; PEFT folders record none.
+    """
     from modapt import persistence
 
     registry = registry or default_registry()
@@ -125,8 +131,16 @@ def read_adapter(directory: str | os.PathLike, registry: Registry | None = None)
         recipe = parse_recipe(config["recipe"], registry)
     except ModaptError as exc:
         raise modapt.AdapterLoadError(f"{directory}: the saved recipe cannot be used here: {exc}") from None
+    fingerprint = None
+    if verify_base:
+        try:
+            fingerprint = persistence.expected_fingerprint(config, directory)
+        except modapt.AdapterLoadError as exc:
+            hint = "pass verify_base=False (modapt merge --no-verify-base) to merge anyway"
+            raise MergeError(str(exc).replace("(pass verify_base=False to load anyway)", f"({hint})")
+                             if "verify_base" in str(exc) else f"{exc} ({hint})") from None
     tensors = persistence.read_tensors(directory, config)
-    return AdapterSource(directory, recipe, tensors, config["base_fingerprint"].get("tensors"), "modapt")
+    return AdapterSource(directory, recipe, tensors, fingerprint, "modapt")
 
 
 def skeleton(base_dir: str | os.PathLike, config_overrides: dict | None = None) -> nn.Module:
@@ -334,7 +348,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
                          "(--dtype applies to quantized bases)")
     progress.note(f"reading {base_dir} and {adapter_dir}")
     ckpt = Checkpoint.open(base_dir)
-    source = read_adapter(adapter_dir, registry)
+    source = read_adapter(adapter_dir, registry, verify_base=verify_base)
     check_mergeable(source.recipe, registry)
     model = skeleton(base_dir)
     plans, saved = plan_layers(model, source, registry)
@@ -470,7 +484,7 @@ def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | o
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} exists; choose another output folder (or pass overwrite)")
-    source = read_adapter(adapter_dir, registry)
+    source = read_adapter(adapter_dir, registry, verify_base=False)  # modapt.load below checks it
     check_mergeable(source.recipe, registry)
     qconfig = _quantization_config(base_dir) or {}
     config = read_base_config(base_dir)

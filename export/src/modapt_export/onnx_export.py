@@ -330,8 +330,16 @@ def load_for_export(base: str | os.PathLike, task: str, adapter: str | os.PathLi
     base = Path(base)
     if not (base / "config.json").is_file():
         raise modapt.ModaptError(f"--base '{base}' is not a transformers checkpoint directory (no config.json)")
+    from .merge import read_base_config
+    from .shards import Checkpoint
+
+    # what the merge checks, before transformers reads a stranger's folder: config.json under
+    # size/depth limits; safetensors weights only (a pickle is never loaded), headers checked
+    read_base_config(base)
+    Checkpoint.open(base)
     cls = getattr(transformers, AUTO_CLASSES[task])
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs["use_safetensors"] = True
     try:
         model = cls.from_pretrained(str(base), **kwargs)
     except (ValueError, OSError) as exc:

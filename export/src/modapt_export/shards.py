@@ -11,6 +11,7 @@ never become torch tensors), and the header stays byte-identical unless tensors 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -227,6 +228,18 @@ def write_shard(source: Path, header: ShardHeader, target: Path,
     else:
         raw_header = header.raw
     spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in entries.items())
+    try:
+        _write_shard(source, target, raw_header, header, spans, entries, replace, add)
+    except OSError as exc:
+        # a failed read() or write() carries no file name: name the shard being written (a full
+        # disk, quota or ulimit -f can only be the write), else both files
+        if exc.filename is None:
+            where = str(target) if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else f"{source} -> {target}"
+            raise OSError(exc.errno, exc.strerror, where) from exc
+        raise
+
+
+def _write_shard(source, target, raw_header, header, spans, entries, replace, add) -> None:
     with open(source, "rb") as src, open(target, "wb") as dst:
         dst.write(raw_header)
         for begin, end, key in spans:
