@@ -48,9 +48,12 @@ CASES = {
     "adalora": ({"adalora": "modapt_adalora"},
                 {"adapter": [{"method": "adalora", "targets": TARGETS, "init_r": 6, "target_r": 2, "total_step": 6,
                               "tinit": 0, "tfinal": 1, "lora_alpha": 8.0}]}, "equal"),
+    # shared state (modapt.shared): A and B registered once on the model, replicated by FSDP2
+    "vera": ({"vera": "modapt_vera"}, {"adapter": [{"method": "vera", "targets": TARGETS, "r": 8,
+                                                     "projection_prng_key": 5, "save_projection": True}]}, "equal"),
 }
 DISTRIBUTIONS = {"map": "modapt-map", "dora": "modapt-dora", "lorma": "modapt-lorma", "lmam": "modapt-lmam",
-                 "adalora": "modapt-adalora"}
+                 "adalora": "modapt-adalora", "vera": "modapt-vera"}
 
 
 # ---------------------------------------------------------------------------- shared by worker and test
@@ -335,6 +338,36 @@ def test_fsdp_save_gathers_the_adapter_and_loads_and_merges(launched, case):
             expected = model.eval()(**inputs).logits
         torch.testing.assert_close(before, expected, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(after, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_fsdp_vera_shared_projections_are_saved_once(launched):
+    """VeRA under FSDP2: the gathered save holds the λ in modapt's file and, with save_projection,
+    A and B once in the PEFT file, equal to the single-process model's shared buffers."""
+    pytest.importorskip("modapt_vera")
+    pytest.importorskip("modapt_export")
+    import modapt
+    from modapt.persistence import WEIGHTS_NAME_V2
+    from modapt.registry import use_registry
+    from modapt.testing import tiny_inputs, tiny_llama
+    from safetensors.torch import load_file
+
+    out, results = launched
+    assert results.get("fsdp/vera") == "ok", f"{results.get('fsdp/vera')}\n{results['_log']}"
+    saved = out / "fsdp" / "vera-saved"
+    model, registry, _ = reference("vera")
+    (projection,) = model.modapt_shared.values()  # one shared module for the 4 targets x 2 layers
+    want = {k: v.detach() for k, v in modapt.adapter_state_dict(model).items()}
+    assert sorted(load_file(saved / WEIGHTS_NAME_V2)) == sorted(want)  # the λ only: A, B regenerated
+    peft_file = load_file(saved / "adapter_model.safetensors")
+    shared = sorted(k for k in peft_file if "vera_A" in k or "vera_B" in k)
+    assert shared == ["base_model.vera_A", "base_model.vera_B"]  # once, not once per layer
+    assert torch.equal(peft_file["base_model.vera_A"], projection.vera_A)
+    assert torch.equal(peft_file["base_model.vera_B"], projection.vera_B)
+    with use_registry(registry):
+        fresh = modapt.load(tiny_llama(seed=0), saved).eval()
+        inputs = tiny_inputs(batch=2, seq=8)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(**inputs).logits, model.eval()(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def test_merge_under_a_file_size_limit_is_one_line(root):
     _, status = os.waitpid(pid, 0)
     err = err_path.read_text()
     assert os.WEXITSTATUS(status) == 1, err
-    assert "file-size limit" in one_line(err)
+    line = one_line(err)
+    assert "file-size limit" in line and f"{root}/.out." in line and ".safetensors:" in line, line  # the shard
     assert no_output(root)
 
 
@@ -257,3 +258,43 @@ def test_nested_quantifier_targets_are_refused_at_recipe_check(tmp_path, capsys,
     status, err = run(capsys, "recipe", "check", str(path))
     line = one_line(err)
     assert status == 1 and "adapter[0].targets[0]" in line and "nested quantifiers" in line
+
+
+# ------------------------------------------------------------------------------------ export onnx write failures
+def no_onnx_output(root: Path) -> bool:
+    return not (root / "onnx").exists() and not [p for p in root.iterdir() if p.name.startswith(".onnx.")]
+
+
+def test_export_onnx_under_a_file_size_limit_is_one_line(root):
+    """RLIMIT_FSIZE while model.onnx is written (forked child): exit 1, the file and the cause, nothing left."""
+    err_path = root / "stderr.txt"
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with open(err_path, "w") as err:
+                sys.stderr = err
+                # the tiny model's graph is ~200 kB, its config and stderr far less
+                resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+                code = modapt.cli.main(onnx_args(root, "--quiet", "--adapter", str(root / "adapter")))
+                err.flush()
+        finally:
+            os._exit(locals().get("code", 99))
+    _, status = os.waitpid(pid, 0)
+    err = err_path.read_text()
+    assert os.WEXITSTATUS(status) == 1, err
+    line = one_line(err)
+    assert "file-size limit" in line and f"{root}/.onnx.partial-" in line and "model.onnx" in line, line
+    assert no_onnx_output(root)
+
+
+@pytest.mark.parametrize("code, cause", [(errno.EROFS, "read-only"), (errno.ENOSPC, "disk is full")])
+def test_export_onnx_into_a_read_only_or_full_parent_is_one_line(root, capsys, monkeypatch, code, cause):
+    """The hidden folder cannot be made (read-only parent; root ignores chmod, so injected at mkdtemp)."""
+    def failing(*args, **kwargs):
+        raise OSError(code, os.strerror(code), kwargs.get("dir"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", failing)
+    status, err = run(capsys, *onnx_args(root, "--quiet"))
+    line = one_line(err)
+    assert status == 1 and cause in line and str(root) in line
+    assert no_onnx_output(root)

@@ -234,3 +234,59 @@ def test_peft_rank_pattern_key_that_is_no_safe_regex_is_one_line(root, capsys, k
     err = capsys.readouterr().err
     assert code == 1 and f"PEFT pattern key {key!r}" in err and words in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "re.error" not in err
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.update(base_fingerprint={}), "records no base fingerprint"),
+    (lambda c: c["base_fingerprint"]["tensors"].update({next(iter(c["base_fingerprint"]["tensors"])): 5}),
+     "malformed base fingerprint entry"),
+], ids=["empty", "entry-an-int"])
+def test_an_unknown_base_fingerprint_is_refused_unless_no_verify_base(root, capsys, edit, words):
+    """As modapt.load: {} or malformed entries mean the base is unknown (the trial merged {} with exit 0
+    and crashed on an int entry with a TypeError)."""
+    import shutil
+
+    shutil.copytree(root / "a", root / "fp")
+    _edit_json(root / "fp" / "adapter_config.json", edit)
+    args = ["merge", "--base", str(root / "base"), "--adapter", str(root / "fp"), "--out", str(root / "out"), "--quiet"]
+    code = modapt.cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and words in err and "--no-verify-base" in err and str(root / "fp") in err, err
+    assert len(err.strip().splitlines()) == 1 and not (root / "out").exists() and hidden(root) == []
+    assert modapt.cli.main([*args, "--no-verify-base"]) == 0  # the explicit opt-out merges
+    assert content(root / "out") == content(root / "ref_a")
+
+
+@pytest.mark.parametrize("command", ["merge", "export"])
+def test_a_hostile_base_config_json_is_one_line(root, capsys, command):
+    """config.json nested 100 000 deep (json.loads: RecursionError) is refused by the bounded reader,
+    naming the file, before transformers parses it."""
+    config = root / "base" / "config.json"
+    config.write_text(config.read_text()[:-2] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    args = (["merge", "--base", str(root / "base"), "--adapter", str(root / "a"), "--out", str(root / "out"), "--quiet"]
+            if command == "merge" else
+            ["export", "onnx", "--base", str(root / "base"), "--out", str(root / "out"), "--task", "causal-lm", "--quiet"])
+    code = modapt.cli.main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and f"{config}: JSON nested deeper than 64 levels" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (root / "out").exists()
+
+
+def test_export_onnx_never_loads_a_pickle_checkpoint(root, capsys, monkeypatch):
+    """A base with only pytorch_model.bin: transformers would unpickle it; refused as the merge refuses it."""
+    import pickle
+
+    for shard in (root / "base").glob("model*"):
+        shard.unlink()
+    torch.save({"w": torch.zeros(2)}, root / "base" / "pytorch_model.bin")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", never)
+    monkeypatch.setattr(pickle, "load", never)
+    code = modapt.cli.main(["export", "onnx", "--base", str(root / "base"), "--out", str(root / "out"),
+                            "--task", "causal-lm", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "pytorch_model.bin found: pickle checkpoints are not read" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (root / "out").exists()

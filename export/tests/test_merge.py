@@ -2,7 +2,8 @@
 imports modapt, equals modapt's unmerged forward; untouched tensors are copied byte for byte.
 
 One subprocess loads every merged checkpoint of the module (importing transformers once costs
-seconds). Methods other than LoRA run when their plugin is installed.
+seconds). LoRA carries the structural cases; every other method comes from its plugin's
+``Method.example`` (entry points), on LLaMA and on GPT-2's Conv1D layers.
 """
 
 from __future__ import annotations
@@ -32,26 +33,41 @@ FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 # installed plugins by entry point name (no list of method names kept here)
 PLUGINS = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="modapt")}
 LORA4 = {"method": "lora", "r": 4, "lora_alpha": 8.0}
-ADALORA_SCHEDULE = {"init_r": 4, "target_r": 2, "total_step": 10}
-# (case id, family, plugin needed or None, recipe); small max_shard_size makes many shards
-CASES = [
+GPT2_TARGETS = ["c_attn", "c_fc"]  # GPT-2's Conv1D layers ([in, out] storage) for each example
+# (case id, family, plugin needed or None, recipe); small max_shard_size makes many shards.
+# LoRA (the core's method) carries the structural cases: embeddings, a tied weight, modules_to_save
+STRUCTURAL = [
     ("llama-lora", "llama", None,
      {"adapter": [{**LORA4, "targets": ["q_proj", "v_proj", "down_proj", "embed_tokens"]}]}),
     ("gpt2-lora-tied-wte", "gpt2", None, {"adapter": [{**LORA4, "targets": ["c_attn", "c_fc", "wte"]}]}),
     ("bert-lora-head", "bert", None,
      {"adapter": [{**LORA4, "targets": ["query", "value"]}], "modules_to_save": ["classifier"]}),
-    ("llama-dora", "llama", "dora",
-     {"adapter": [{"method": "dora", "targets": ["q_proj", "v_proj", "up_proj"], "update": LORA4}]}),
-    ("gpt2-dora", "gpt2", "dora", {"adapter": [{"method": "dora", "targets": ["c_attn"], "update": LORA4}]}),
-    ("llama-map", "llama", "map",
-     {"adapter": [{"method": "map", "targets": ["q_proj", "down_proj"], "update": LORA4}]}),
-    ("llama-adalora", "llama", "adalora",
-     {"adapter": [{"method": "adalora", "targets": ["q_proj", "v_proj"], **ADALORA_SCHEDULE}]}),
-    ("llama-flora", "llama", "flora", {"adapter": [{"method": "flora", "r": 4, "targets": ["q_proj", "down_proj"]}]}),
-    ("llama-lorma", "llama", "lorma", {"adapter": [{"method": "lorma", "r": 4, "targets": ["q_proj", "up_proj"]}]}),
-    ("gpt2-lorma-pi", "gpt2", "lorma",
-     {"adapter": [{"method": "lorma", "r": 4, "targets": ["c_attn"], "inflation": "pi"}]}),
 ]
+
+
+def plugin_cases() -> list[tuple[str, str, str, dict]]:
+    """One LLaMA and one GPT-2 case per mergeable method of each installed plugin, from its
+    ``Method.example`` (found through the ``modapt`` entry points: no list of methods here)."""
+    from modapt_export.merge import WEIGHT_FAMILIES
+
+    cases = []
+    for plugin in sorted(PLUGINS):
+        try:
+            methods = fresh_registry(plugin).methods
+        except ImportError:  # declared but not importable: its own tests report it
+            continue
+        for name, method in sorted(methods.items()):
+            example = method.example
+            if method.plugin != plugin or name == "lora" or example is None:  # LoRA: STRUCTURAL
+                continue
+            if not method.capabilities.mergeable or method.family not in WEIGHT_FAMILIES:
+                continue  # attachments: export onnx's business (test_onnx_plugins)
+            if (example.get("update") or {}).get("method", "lora") not in methods:
+                continue
+            cases.append((f"llama-{name}", "llama", plugin, {"adapter": [dict(example)]}))
+            cases.append((f"gpt2-{name}", "gpt2", plugin, {"adapter": [{**example, "targets": GPT2_TARGETS}]}))
+    return cases
+
 
 LOADER = textwrap.dedent("""
     import json, sys
@@ -91,6 +107,9 @@ def fresh_registry(*plugins: str) -> Registry:
     return registry
 
 
+CASES = STRUCTURAL + plugin_cases()
+
+
 def raw_tensors(directory: Path) -> dict[str, torch.Tensor]:
     out = {}
     for shard in sorted(directory.glob("*.safetensors")):
@@ -106,15 +125,6 @@ def merged(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("merge")
     results, jobs = {}, []
     for case, family, plugin, recipe in CASES:
-        if plugin is not None:
-            if plugin not in PLUGINS:  # not installed: no entry point
-                results[case] = None
-                continue
-            try:
-                importlib.import_module(PLUGINS[plugin])
-            except ImportError:
-                results[case] = None
-                continue
         registry = fresh_registry(*([plugin] if plugin else []))
         with use_registry(registry):
             factory = FACTORIES[family]

@@ -157,8 +157,8 @@ def test_export_peft_command_converts_a_format_1_folder(registry, base_dir, tmp_
 
 
 @pytest.mark.parametrize("entry, match", [
-    ({"dtype": "F32", "shape": [-2, 4], "data_offsets": [0, 32]}, "not integers >= 0"),
-    ({"dtype": "F32", "shape": ["2", 4], "data_offsets": [0, 32]}, "not integers >= 0"),
+    ({"dtype": "F32", "shape": [-2, 4], "data_offsets": [0, 32]}, "not a list of integers >= 0"),
+    ({"dtype": "F32", "shape": ["2", 4], "data_offsets": [0, 32]}, "not a list of integers >= 0"),
     ("[" * 10_000 + "]" * 10_000, "nested deeper"),
 ], ids=["negative-shape", "string-shape", "deep"])
 def test_a_hostile_base_shard_header_is_one_line(tmp_path, entry, match):

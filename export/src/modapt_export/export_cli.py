@@ -119,6 +119,13 @@ def run_onnx(args) -> int:
 
     from .progress import Progress
 
+    if args.quiet:  # transformers' "Loading weights" bar and the exporter's notes are stage reports too
+        import logging
+
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed. Skipping..."
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     manifest = export_onnx_pretrained(
         args.base, args.out, args.task, adapter=args.adapter, dtype=dtype, device=args.device,

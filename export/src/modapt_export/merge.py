@@ -86,6 +86,7 @@ class AdapterSource:
     tensors: dict[str, torch.Tensor]
     fingerprint: dict[str, dict] | None
     origin: str  # "modapt" or "peft"
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)  # PEFT's stored shared state (VeRA's vera_A...)
 
 
 @dataclass
@@ -99,8 +100,14 @@ class LayerPlan:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # own key -> adapter tensor
 
 
-def read_adapter(directory: str | os.PathLike, registry: Registry | None = None) -> AdapterSource:
-    """Read a modapt adapter folder, or a PEFT one (``peft_type`` in its config)."""
+def read_adapter(directory: str | os.PathLike, registry: Registry | None = None, *,
+                 verify_base: bool = True) -> AdapterSource:
+    """Read a modapt adapter folder, or a PEFT one (``peft_type`` in its config).
+
+    With ``verify_base`` a modapt folder must record a well-formed base fingerprint (as
+    :func:`modapt.load` requires): ``base_fingerprint: {}`` or malformed entries mean an unknown
+    base, refused in one line; PEFT folders record none.
+    """
     from modapt import persistence
 
     registry = registry or default_registry()
@@ -114,17 +121,26 @@ def read_adapter(directory: str | os.PathLike, registry: Registry | None = None)
         except UntrustedFileError as exc:
             raise modapt.AdapterLoadError(str(exc)) from None
         if isinstance(raw, dict) and "peft_type" in raw and raw.get("format") != persistence.FORMAT:
-            from .peft_format import read_peft_adapter
+            from .peft_format import read_peft_adapter, split_shared
 
             recipe, tensors = read_peft_adapter(directory, registry)
-            return AdapterSource(directory, parse_recipe(recipe, registry), tensors, None, "peft")
+            tensors, shared = split_shared(tensors)
+            return AdapterSource(directory, parse_recipe(recipe, registry), tensors, None, "peft", shared)
     config = persistence.read_config(directory)
     try:
         recipe = parse_recipe(config["recipe"], registry)
     except ModaptError as exc:
         raise modapt.AdapterLoadError(f"{directory}: the saved recipe cannot be used here: {exc}") from None
+    fingerprint = None
+    if verify_base:
+        try:
+            fingerprint = persistence.expected_fingerprint(config, directory)
+        except modapt.AdapterLoadError as exc:
+            hint = "pass verify_base=False (modapt merge --no-verify-base) to merge anyway"
+            raise MergeError(str(exc).replace("(pass verify_base=False to load anyway)", f"({hint})")
+                             if "verify_base" in str(exc) else f"{exc} ({hint})") from None
     tensors = persistence.read_tensors(directory, config)
-    return AdapterSource(directory, recipe, tensors, config["base_fingerprint"].get("tensors"), "modapt")
+    return AdapterSource(directory, recipe, tensors, fingerprint, "modapt")
 
 
 def skeleton(base_dir: str | os.PathLike, config_overrides: dict | None = None) -> nn.Module:
@@ -132,8 +148,7 @@ def skeleton(base_dir: str | os.PathLike, config_overrides: dict | None = None) 
     import transformers
 
     base_dir = Path(base_dir)
-    if not (base_dir / "config.json").is_file():
-        raise CheckpointError(f"{base_dir}: no config.json (a transformers checkpoint folder is expected)")
+    read_base_config(base_dir)  # size, depth and JSON checked before transformers parses it
     try:
         config = transformers.AutoConfig.from_pretrained(base_dir, **(config_overrides or {}))
     except Exception as exc:
@@ -197,17 +212,63 @@ def plan_layers(model: nn.Module, source: AdapterSource, registry: Registry) -> 
     return plans, saved
 
 
-def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Registry) -> AdaptedLayer:
+def build_shared(model: nn.Module, plans: list[LayerPlan], registry: Registry) -> dict[str, tuple]:
+    """Give state shared across layers (:mod:`modapt.shared`, VeRA's A [r, in_max] and B
+    [out_max, r]) its final size on the skeleton before the first layer is merged: its sizes
+    are maxima over all adapted layers, so a layer merged first would otherwise see a smaller
+    draw. Returns ``{buffer path: shape}`` of that state, which no later build may change.
+
+    One layer per adapter entry is built on its ``meta`` module; only entries whose build
+    registered shared state get their other layers built too. A build that fails on ``meta``
+    (DoRA's row norms mix meta and CPU tensors) registers nothing and is left to the real build.
+    """
+    from modapt import shared
+
+    def shared_count() -> int:
+        return len(getattr(model, shared.SHARED_ATTR, None) or {})
+
+    by_entry: dict[int, list[LayerPlan]] = {}
+    for plan in plans:
+        by_entry.setdefault(id(plan.spec), []).append(plan)
+    with shared.applying(model), torch.no_grad():
+        for entry_plans in by_entry.values():
+            before = shared_count()
+            for i, plan in enumerate(entry_plans):
+                try:
+                    build_weight_adapter(AdaptedLayer(copy.deepcopy(plan.module)), plan.spec, registry)
+                except Exception:  # noqa: BLE001 - see the docstring; the real build reports its own errors
+                    break
+                if i == 0 and shared_count() == before:
+                    break  # no shared state: its layers are built for real, one at a time
+    return _shared_shapes(model)
+
+
+def _shared_shapes(model: nn.Module) -> dict[str, tuple]:
+    from modapt import shared
+
+    table = getattr(model, shared.SHARED_ATTR, None)
+    return {name: tuple(b.shape) for name, b in table.named_buffers()} if table is not None else {}
+
+
+def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Registry,
+               model: nn.Module | None = None) -> AdaptedLayer:
     """A one-layer host: the layer's module with its real base tensors, the adapter built and loaded.
 
-    ``get(key)`` reads one base tensor (weight [out, in] as stored, bias [out]).
+    ``get(key)`` reads one base tensor (weight [out, in] as stored, bias [out]); ``model``: the
+    skeleton holding the shared state :func:`build_shared` made (methods that use some need it).
     """
+    from modapt import shared
+
     module = copy.deepcopy(plan.module)  # meta: costs nothing, keeps class and options (padding_idx...)
     for name, _ in list(module.named_parameters(recurse=False)):
         setattr(module, name, nn.Parameter(get(f"{plan.path}.{name}"), requires_grad=False))
     host = AdaptedLayer(module)
     try:
-        build_weight_adapter(host, plan.spec, registry)
+        if model is None:
+            build_weight_adapter(host, plan.spec, registry)
+        else:
+            with shared.applying(model):
+                build_weight_adapter(host, plan.spec, registry)
     except ValueError as exc:
         raise MergeError(f"cannot rebuild the adapter of '{plan.path}': {exc}") from None
     update = host.update
@@ -229,9 +290,13 @@ def build_host(plan: LayerPlan, get: Callable[[str], torch.Tensor], registry: Re
     return host
 
 
-def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool) -> torch.Tensor:
+def merged_tensor(plan: LayerPlan, get, registry: Registry, safe: bool, model: nn.Module | None = None
+                  ) -> torch.Tensor:
     """W* of one layer, laid out and typed as the checkpoint stores its weight."""
-    host = build_host(plan, get, registry)
+    host = build_host(plan, get, registry, model)
+    if model is not None and _shared_shapes(model) != getattr(model, "_modapt_merge_shared", {}):
+        raise MergeError(f"building '{plan.path}' changed the adapter state shared across layers after other "
+                         "layers were merged; this method cannot be merged one layer at a time")
     try:
         stored = layers.to_storage(host.base_layer, host.merged_weight()).contiguous()
     finally:
@@ -283,10 +348,15 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
                          "(--dtype applies to quantized bases)")
     progress.note(f"reading {base_dir} and {adapter_dir}")
     ckpt = Checkpoint.open(base_dir)
-    source = read_adapter(adapter_dir, registry)
+    source = read_adapter(adapter_dir, registry, verify_base=verify_base)
     check_mergeable(source.recipe, registry)
     model = skeleton(base_dir)
     plans, saved = plan_layers(model, source, registry)
+    model._modapt_merge_shared = build_shared(model, plans, registry)  # checked after each layer's build
+    if source.shared:
+        from .peft_format import check_shared
+
+        check_shared(model, source.shared, source.directory)
 
     touched: dict[str, Callable[[], torch.Tensor]] = {}
     groups = {name: g for g in tie_groups(model) for name in g}
@@ -308,7 +378,7 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
 
     for plan in plans:
         locate(plan.key)  # a missing base tensor is reported now, before anything is written
-        touched[plan.key] = (lambda p=plan: merged_tensor(p, get, registry, safe))
+        touched[plan.key] = (lambda p=plan: merged_tensor(p, get, registry, safe, model))
     for path in saved:
         for name, tensor in source.tensors.items():
             if not name.startswith(path + "."):
@@ -364,12 +434,32 @@ def merge_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     return out_dir
 
 
-def _quantization_config(base_dir: Path) -> dict | None:
+def read_base_config(base_dir: Path) -> dict:
+    """The base's ``config.json`` as a dict, read under :mod:`modapt.untrusted`'s size and depth limits.
+
+    A downloaded checkpoint's config can be nested deep enough to make ``json.loads`` raise
+    ``RecursionError``, or be gigabytes long: either is a one-line :class:`CheckpointError`
+    naming the file, raised before transformers parses it.
+    """
+    from modapt.untrusted import UntrustedFileError, read_json
+
+    path = Path(base_dir) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{base_dir}: no config.json (a transformers checkpoint folder is expected)")
     try:
-        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # the streaming path reports a missing or broken config
-    return config.get("quantization_config") if isinstance(config, dict) else None
+        config = read_json(path)
+    except UntrustedFileError as exc:
+        raise CheckpointError(str(exc)) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a JSON object (a transformers config is expected)")
+    return config
+
+
+def _quantization_config(base_dir: Path) -> dict | None:
+    if not (base_dir / "config.json").is_file():
+        return None  # the streaming path reports the missing config with the rest of the folder
+    qconfig = read_base_config(base_dir).get("quantization_config")
+    return qconfig if isinstance(qconfig, dict) and qconfig else None
 
 
 def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | os.PathLike,
@@ -394,10 +484,10 @@ def merge_quantized_checkpoint(base_dir: str | os.PathLike, adapter_dir: str | o
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} exists; choose another output folder (or pass overwrite)")
-    source = read_adapter(adapter_dir, registry)
+    source = read_adapter(adapter_dir, registry, verify_base=False)  # modapt.load below checks it
     check_mergeable(source.recipe, registry)
     qconfig = _quantization_config(base_dir) or {}
-    config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    config = read_base_config(base_dir)
     if dtype is None:
         name = (qconfig.get("bnb_4bit_compute_dtype") or config.get("dtype") or config.get("torch_dtype")
                 or "float32")
@@ -598,7 +688,7 @@ def _copy_side_files(base_dir: Path, out: Path, untie: list[str]) -> None:
             continue
         shutil.copy2(path, out / path.name)
     if untie:
-        config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+        config = read_base_config(base_dir)
         config["tie_word_embeddings"] = False
         (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

@@ -272,12 +272,18 @@ def _initializer_bytes(proto) -> int:
 def _save(proto, path: Path, external: bool) -> None:
     import onnx
 
-    if external:
-        # size_threshold stays at 1 KiB: shape constants must remain inline for ONNX Runtime
-        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-    else:
-        onnx.save_model(proto, str(path))
+    try:
+        if external:
+            # size_threshold stays at 1 KiB: shape constants must remain inline for ONNX Runtime
+            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=path.name + ".data", size_threshold=1024)
+        else:
+            onnx.save_model(proto, str(path))
+    except OSError as exc:
+        # a failed write() (full disk, ulimit -f) carries no file name: name the one being written
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 def _ir_of(path: Path) -> int:
@@ -324,8 +330,16 @@ def load_for_export(base: str | os.PathLike, task: str, adapter: str | os.PathLi
     base = Path(base)
     if not (base / "config.json").is_file():
         raise modapt.ModaptError(f"--base '{base}' is not a transformers checkpoint directory (no config.json)")
+    from .merge import read_base_config
+    from .shards import Checkpoint
+
+    # what the merge checks, before transformers reads a stranger's folder: config.json under
+    # size/depth limits; safetensors weights only (a pickle is never loaded), headers checked
+    read_base_config(base)
+    Checkpoint.open(base)
     cls = getattr(transformers, AUTO_CLASSES[task])
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs["use_safetensors"] = True
     try:
         model = cls.from_pretrained(str(base), **kwargs)
     except (ValueError, OSError) as exc:

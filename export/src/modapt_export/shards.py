@@ -11,6 +11,7 @@ never become torch tensors), and the header stays byte-identical unless tensors 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -21,13 +22,12 @@ from pathlib import Path
 import torch
 
 from modapt import ModaptError
-from modapt.untrusted import UntrustedFileError, parse_json, read_json
+from modapt.untrusted import UntrustedFileError, read_json, read_safetensors_header
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 COPY_CHUNK = 1 << 20  # bytes per read when the kernel cannot copy file ranges itself
-MAX_HEADER = 100 << 20  # safetensors' own limit on the JSON header
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -68,41 +68,34 @@ class ShardHeader:
 
 
 def read_header(path: Path) -> ShardHeader:
-    """Parse and check a safetensors header (offsets contiguous and inside the file)."""
+    """Parse and check a safetensors header: what any reader checks, then what the merge needs.
+
+    The file-level checks (length prefix, bounded JSON, ``dtype`` a name, ``shape`` integers
+    >= 0, offsets inside a file that holds exactly header + data) are
+    :func:`modapt.untrusted.read_safetensors_header`'s, one implementation for core and
+    export; on top, the merge copies byte ranges blindly, so each range must be exactly
+    ``numel * itemsize`` of a dtype it handles and the ranges must tile the data (no holes,
+    no overlaps).
+    """
     try:
-        size = path.stat().st_size
+        header, metadata, size = read_safetensors_header(path)
+    except UntrustedFileError as exc:
+        raise CheckpointError(f"{exc} (not a usable safetensors shard)") from None
+    try:  # the header bytes as stored: an output shard with no added tensor reuses them verbatim
         with open(path, "rb") as f:
             prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(f"{path}: too short to be a safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", prefix)
-            if n > MAX_HEADER or 8 + n > size:
-                raise CheckpointError(f"{path}: header length {n} does not fit the file ({size} bytes): truncated "
-                                      "or not safetensors")
-            text = f.read(n)
+            text = f.read(struct.unpack("<Q", prefix)[0]) if len(prefix) == 8 else b""
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read: {exc}") from None
-    try:
-        header = parse_json(text, f"{path}: header", max_bytes=MAX_HEADER, max_depth=4)
-    except UntrustedFileError as exc:
-        raise CheckpointError(f"{exc}: corrupted or not safetensors") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    data_start = 8 + n
+        raise CheckpointError(f"{path}: cannot be read: {exc.strerror or exc}") from None
+    data_start = 8 + len(text)
+    data_end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if len(prefix) != 8 or data_start + data_end != size:
+        raise CheckpointError(f"{path}: changed while being read (file replaced during the merge?)")
     spans = []
     for key, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            dtype, shape = info["dtype"], info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: malformed header entry for '{key}'") from None
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        (begin, end), dtype, shape = info["data_offsets"], info["dtype"], info["shape"]
+        if dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor '{key}' has dtype {dtype!r}, which this merge does not handle")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape) \
-                or not all(type(o) is int for o in (begin, end)):
-            raise CheckpointError(f"{path}: tensor '{key}' has shape {shape!r} / offsets {[begin, end]!r}, "
-                                  "not integers >= 0")
         numel = 1
         for d in shape:
             numel *= d
@@ -116,10 +109,7 @@ def read_header(path: Path) -> ShardHeader:
         if begin != cursor:
             raise CheckpointError(f"{path}: tensor '{key}' starts at {begin}, expected {cursor} (holes or overlaps)")
         cursor = end
-    if data_start + cursor != size:
-        raise CheckpointError(f"{path}: data should end at byte {data_start + cursor}, the file has {size} bytes "
-                              "(truncated or padded)")
-    return ShardHeader(prefix + text, header, metadata, data_start, size)
+    return ShardHeader(prefix + text, header, metadata or None, data_start, size)
 
 
 @dataclass
@@ -238,6 +228,18 @@ def write_shard(source: Path, header: ShardHeader, target: Path,
     else:
         raw_header = header.raw
     spans = sorted((v["data_offsets"][0], v["data_offsets"][1], k) for k, v in entries.items())
+    try:
+        _write_shard(source, target, raw_header, header, spans, entries, replace, add)
+    except OSError as exc:
+        # a failed read() or write() carries no file name: name the shard being written (a full
+        # disk, quota or ulimit -f can only be the write), else both files
+        if exc.filename is None:
+            where = str(target) if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else f"{source} -> {target}"
+            raise OSError(exc.errno, exc.strerror, where) from exc
+        raise
+
+
+def _write_shard(source, target, raw_header, header, spans, entries, replace, add) -> None:
     with open(source, "rb") as src, open(target, "wb") as dst:
         dst.write(raw_header)
         for begin, end, key in spans:

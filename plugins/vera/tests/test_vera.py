@@ -27,7 +27,7 @@ def registry(modapt_registry):
 def _peft_vera(factory=tiny_llama, targets=TARGETS, **config):
     from peft import VeraConfig, get_peft_model
 
-    cfg = VeraConfig(r=R, target_modules=targets, projection_prng_key=KEY, save_projection=False, **config)
+    cfg = VeraConfig(r=R, target_modules=targets, projection_prng_key=KEY, **{"save_projection": False, **config})
     return get_peft_model(factory(), cfg)
 
 
@@ -148,3 +148,40 @@ def test_map_over_vera_takes_the_one_node_path(registry):
     delta = (layer.vera_lambda_b[:, None] * p.vera_B[:64]) @ (layer.vera_lambda_d[:, None] * p.vera_A[:, :64])
     w = layer.map_alpha * w0 / w0.norm() + layer.map_beta * delta / delta.norm()
     torch.testing.assert_close(y, x @ w.t(), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_folder_with_stored_projections_converts_both_ways(registry, tmp_path):
+    """PEFT's default save_projection=True: vera_A/vera_B stored once at model level, checked, kept."""
+    from modapt_export import merge_checkpoint
+    from modapt_export.peft_format import PeftFormatError, load_peft, save_peft
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+
+    peft_model = _peft_vera(save_projection=True).eval()
+    _randomise(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    stored = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {"base_model.vera_A", "base_model.vera_B"} <= set(stored)
+    reference = _logits(peft_model)
+    ours = load_peft(tiny_llama(), tmp_path / "peft", registry=registry).eval()
+    torch.testing.assert_close(_logits(ours), reference, atol=1e-6, rtol=0)
+    assert modapt.state_of(ours).layers["model.layers.0.self_attn.q_proj"].update.options.save_projection
+    # modapt -> PEFT keeps PEFT's layout: each projection once, at model level; PEFT loads it
+    save_peft(ours, tmp_path / "back", registry=registry)
+    back = load_file(tmp_path / "back" / "adapter_model.safetensors")
+    assert sorted(k for k in back if "vera_A" in k or "vera_B" in k) == ["base_model.vera_A", "base_model.vera_B"]
+    assert torch.equal(back["base_model.vera_A"], stored["base_model.vera_A"])
+    again = PeftModel.from_pretrained(tiny_llama(), tmp_path / "back").eval()
+    torch.testing.assert_close(_logits(again), reference, atol=1e-6, rtol=0)
+    # the streaming merge reads it too (shared state built on the skeleton first): PEFT's merge, 1e-6
+    tiny_llama().save_pretrained(tmp_path / "base")
+    merge_checkpoint(tmp_path / "base", tmp_path / "peft", tmp_path / "merged", registry=registry)
+    merged = type(tiny_llama()).from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(_logits(merged), reference, atol=1e-5, rtol=0)
+    # a stored projection that is not the key's draw is refused in one line, the model left unadapted
+    stored["base_model.vera_A"][0, 0] += 0.5
+    save_file(stored, tmp_path / "peft" / "adapter_model.safetensors", metadata={"format": "pt"})
+    base = tiny_llama()
+    with pytest.raises(PeftFormatError, match=r"'base_model.vera_A' differs from the one regenerated .* 0.5") as info:
+        load_peft(base, tmp_path / "peft", registry=registry)
+    assert "\n" not in str(info.value) and not hasattr(base, "modapt_shared")

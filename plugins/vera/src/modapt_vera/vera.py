@@ -9,18 +9,21 @@ in training.
 Why shared state: the method's point is that A and B cost nothing per layer, so they live
 once on the model (:mod:`modapt.shared`, ``model.modapt_shared["vera_<key>_<r>"]``) as
 non-persistent float32 buffers, and each layer keeps a reference to that module. They are
-*regenerated* from ``projection_prng_key``, never stored (PEFT's ``save_projection=False``):
-A then B are drawn from one CPU ``torch.Generator`` seeded with the key, each uniform in
-±gain·√(3/fan_in) with gain √2 (Kaiming-uniform, fan_in = in_max for A and r for B), which is
-the draw PEFT 0.21 makes, so the same key gives PEFT's matrices bit for bit on any device.
+*regenerated* from ``projection_prng_key``, never stored in modapt's files: A then B are drawn
+from one CPU ``torch.Generator`` seeded with the key, each uniform in ±gain·√(3/fan_in) with
+gain √2 (Kaiming-uniform, fan_in = in_max for A and r for B), which is the draw PEFT 0.21
+makes, so the same key gives PEFT's matrices bit for bit on any device.
 Init as PEFT: λ_b = 0 (ΔW = 0 at init), λ_d = ``d_initial``.
+
+``save_projection`` is PEFT's field and only concerns PEFT folders: True (PEFT's default) makes
+the PEFT folder written for this adapter store A and B once (``base_model.vera_A``/``vera_B``),
+and a PEFT folder that stores them is read by checking that they equal the regenerated ones bit
+for bit (a mismatch is refused, never silently replaced: modapt's state is defined by the key).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import pydantic
 import torch
 from torch import nn
@@ -35,8 +38,9 @@ class VeraOptions(modapt.Options):
     projection_prng_key: int = pydantic.Field(0, ge=0, description="seed of the shared random A and B")
     d_initial: float = pydantic.Field(0.1, description="initial value of every entry of vera_lambda_d")
     dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
-    save_projection: Literal[False] = pydantic.Field(
-        False, description="PEFT's field; modapt never stores A and B, it regenerates them from the key")
+    save_projection: bool = pydantic.Field(
+        False, description="PEFT's field: PEFT folders written for this adapter store the shared A and B "
+                           "(checked against the regenerated ones when read); modapt's own files never do")
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
