@@ -19,10 +19,7 @@ from torch import nn
 import modapt
 from modapt import layers
 
-
-class Ia3Options(modapt.Options):
-    side: str = pydantic.Field("output", pattern="^(output|input)$",
-                               description="rescale the output channels or the input features")
+from .options import Ia3Options
 
 
 class Ia3(modapt.Update):

@@ -27,15 +27,8 @@ from torch import nn
 
 from .fused import DoraLora
 from .norm import BaseRowNormCache, direct_factor_norm, direct_is_cheaper, direct_row_norm, factored_row_norm
+from .options import MAGNITUDE, DoraOptions
 from .rescale import rescale
-
-MAGNITUDE = "lora_magnitude_vector"
-
-
-class DoraOptions(Options):
-    """DoRA has no hyper-parameters of its own: rank, alpha and dropout belong to the update
-    (``[adapter.update]``, LoRA's ``r``, ``lora_alpha``, ``dropout``)."""
-
 
 class Dora(Reparam):
     """The DoRA reparam on one host (an :class:`modapt.AdaptedLayer`)."""
