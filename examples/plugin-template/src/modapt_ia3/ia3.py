@@ -12,7 +12,6 @@ Parameter ``ia3_l``: [out] on the output side, [in] on the input side.
 
 from __future__ import annotations
 
-import pydantic
 import torch
 from torch import nn
 

@@ -26,14 +26,11 @@ their output. ``detach`` removes the hooks and the children.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import modapt
-import pydantic
 from torch import nn
 
-from .adapter import ACTIVATIONS, BottleneckAdapter
-from .options import DEFAULT_R, BottleneckOptions
+from .adapter import BottleneckAdapter
+from .options import BottleneckOptions
 from .sites import Site, sites_of
 
 PLACEMENT_SITES = {"series": ("attn", "ffn"), "parallel": ("attn", "ffn"), "ffn": ("ffn",), "pfeiffer": ("ffn",)}

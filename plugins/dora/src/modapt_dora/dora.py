@@ -21,7 +21,7 @@ without active dropout runs as one autograd node (:mod:`modapt_dora.fused`).
 from __future__ import annotations
 
 import torch
-from modapt import Options, Reparam, layers
+from modapt import Reparam, layers
 from modapt.lora import Lora
 from torch import nn
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import modapt
-import pydantic
 import torch
 from modapt import layers
 from torch import nn

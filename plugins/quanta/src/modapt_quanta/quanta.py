@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Annotated, Literal
 
 import modapt
-import pydantic
 import torch
 from modapt import layers
 from torch import nn

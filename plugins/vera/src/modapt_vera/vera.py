@@ -19,9 +19,7 @@ Init as PEFT: λ_b = 0 (ΔW = 0 at init), λ_d = ``d_initial``.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-import pydantic
 import torch
 from torch import nn
 
