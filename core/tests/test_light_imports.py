@@ -7,8 +7,10 @@ runs the CLI in a fresh process and reads its ``sys.modules`` afterwards.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -111,6 +113,7 @@ def test_peft_format_is_frozen_and_checks_its_patterns():
     assert fmt.prefix == "base_model.model."
     with pytest.raises(TypeError):
         fmt.keys["lora_B.weight"] = "lora_B.weight"  # the mappings are read-only too
+    assert pickle.loads(pickle.dumps(fmt)) == fmt and copy.deepcopy(fmt) == fmt  # spawn, deepcopy
     with pytest.raises(ValueError, match="lora_alpha"):
         modapt.PeftFormat(peft_type="LORA", keys={}, options={"r": "r"}, patterns={"lora_alpha": "alpha_pattern"})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import annotated_types
@@ -138,6 +138,11 @@ class PeftFormat:
         unknown = sorted(set(self.patterns) - set(self.options))
         if unknown:
             raise ValueError(f"PeftFormat.patterns names options not in PeftFormat.options: {', '.join(unknown)}")
+
+    def __reduce__(self):
+        # the read-only mappings do not pickle: rebuild from plain dicts (pickle, deepcopy, spawn)
+        values = (getattr(self, f.name) for f in fields(self))
+        return (type(self), tuple(dict(v) if isinstance(v, Mapping) else v for v in values))
 
     def file_keys(self, kind: str | None) -> dict[str, str]:
         """modapt own key -> PEFT file key for a layer of ``kind`` (``"embedding"`` or other)."""
