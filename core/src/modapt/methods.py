@@ -91,6 +91,7 @@ def _negative_int(value: Any) -> int | None:
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """A read-only copy of ``value`` (a registered format must not change under the export package)."""
     return types.MappingProxyType(dict(value or {}))
 
 
