@@ -169,7 +169,7 @@ def modapt_recipe(name: str, r: int, total_steps: int) -> dict | None:
     lmam = {"method": "lmam", "heads": None, "r": 2, "n": 128}
     recipes = {
         "lora": {"adapter": [{**lora, "targets": LINEAR}]},
-        "lora-module": {"adapter": [{**lora, "targets": LINEAR}]},  # measured with modapt.lora.ONE_NODE off
+        "lora-module": {"adapter": [{**lora, "targets": LINEAR}]},  # measured with fast_paths(one_node=False)
         "dora": {"adapter": [{"method": "dora", "targets": LINEAR, "update": lora}]},
         "lomap": {"adapter": [{"method": "map", "targets": LINEAR, "update": lora}]},
         "adalora": {"adapter": [{"method": "adalora", "init_r": r, "target_r": max(1, r // 2), "lora_alpha": float(2 * r),
@@ -259,16 +259,12 @@ def measure(name: str, setup: Setup, warmup: int) -> dict | None:
     adapted model holds reference cycles (a host and its update point at each other), so the
     previous method's model can outlive it until the garbage collector runs; collected here
     first, and reported if anything still remains. ``lora-module`` is modapt LoRA with its
-    one-node layer switched off (``modapt.lora.ONE_NODE``): the module path, for comparison."""
-    import modapt.lora
+    one-node layer switched off (``modapt.fast_paths(one_node=False)``): the module path, for comparison."""
+    import modapt
 
     method = split_method(name)[0]
-    one_node = modapt.lora.ONE_NODE
-    modapt.lora.ONE_NODE = one_node and method != "lora-module"  # LoRA's module path, to compare
-    try:
+    with modapt.fast_paths(one_node=False if method == "lora-module" else None):  # LoRA's module path, to compare
         return _measure(name, setup, warmup)
-    finally:
-        modapt.lora.ONE_NODE = one_node
 
 
 def _measure(name: str, setup: Setup, warmup: int) -> dict | None:

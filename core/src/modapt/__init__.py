@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 # light at import (pydantic and pluggy, no torch): what plugins need to declare themselves
 from .errors import AdapterLoadError, ModaptError, PluginError, RecipeError, StateError, TargetError
 from .hookspecs import hookimpl, hookspec
-from .named import active, adapters, combine, delete, disabled, rows, set_active
-from .methods import Capabilities, Method, Options
+from .fast_path_switches import fast_paths
+from .lazy import Lazy, lazy_exports
+from .methods import Capabilities, Method, Options, PeftFormat
 from .registry import Registry, default_registry, use_registry
 
 # the rest imports torch and transformers: loaded on first use (module __getattr__, PEP 562), so
@@ -33,6 +34,8 @@ _LAZY = {
     "is_adapted": "apply", "merge": "apply", "remove": "apply", "state_of": "apply",
     "trainable_parameters": "apply", "unmerge": "apply",
     "Attachment": "attachment",
+    "active": "named", "adapters": "named", "combine": "named", "delete": "named", "disabled": "named",
+    "rows": "named", "set_active": "named",
     "load": "persistence", "save": "persistence",
     "AdapterSpec": "recipe", "Recipe": "recipe", "parse_recipe": "recipe", "read_recipe_file": "recipe",
     "write_recipe": "recipe",
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time these come fro
     from .apply import (AdapterState, adapter_info, adapter_state_dict, apply, is_adapted, merge, remove, state_of,
                         trainable_parameters, unmerge)
     from .attachment import Attachment
+    from .named import active, adapters, combine, delete, disabled, rows, set_active
     from .persistence import load, save
     from .recipe import AdapterSpec, Recipe, parse_recipe, read_recipe_file, write_recipe
     from .training import (TrainingState, after_optimizer_step, before_optimizer_step, load_training_state,
@@ -96,9 +100,9 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running fr
 
 __all__ = [
     "AdaptedLayer", "AdapterLoadError", "AdapterSpec", "AdapterState", "Additive", "Attachment", "Capabilities",
-    "Method", "ModaptError", "Options", "PluginError", "Recipe", "RecipeError", "Registry", "Reparam",
+    "Lazy", "Method", "ModaptError", "Options", "PeftFormat", "PluginError", "Recipe", "RecipeError", "Registry", "Reparam",
     "StateError", "TargetError", "Update", "active", "adapter_info", "adapters", "combine", "delete", "disabled", "adapter_state_dict", "after_optimizer_step", "apply",
-    "before_optimizer_step", "default_registry", "hookimpl", "hookspec", "is_adapted", "load", "merge",
+    "before_optimizer_step", "default_registry", "fast_paths", "hookimpl", "hookspec", "is_adapted", "lazy_exports", "load", "merge",
     "parse_recipe", "read_recipe_file", "regularization_loss", "remove", "save_training_state", "load_training_state", "TrainingState", "rows", "save", "set_active", "state_of",
     "trainable_parameters", "unmerge", "use_registry", "write_recipe",
 ]

@@ -7,16 +7,12 @@
 from __future__ import annotations
 
 from .hookspecs import hookimpl
+from .lazy import Lazy
 from .methods import Capabilities, Method, Options
-from .update import Additive
 
 
 class AdditiveOptions(Options):
     pass
-
-
-def _build(host, options, update):
-    return Additive(host, options, update)
 
 
 @hookimpl
@@ -26,7 +22,7 @@ def modapt_register_methods(register):
         example={"method": "additive", "targets": ["q_proj", "v_proj"], "update": {"method": "lora", "r": 4}},
         family="reparam",
         options=AdditiveOptions,
-        build=_build,
+        build=Lazy("modapt.update:Additive"),  # torch is imported when a model is built
         own_keys=(),
         capabilities=Capabilities(
             mergeable=True, composes_with=frozenset({"update", "attention", "module"}),

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import annotated_types
 import pydantic
+
 
 Family = Literal["update", "reparam", "attention", "module"]
 FAMILIES: tuple[Family, ...] = ("update", "reparam", "attention", "module")
@@ -88,6 +90,66 @@ def _negative_int(value: Any) -> int | None:
     return None
 
 
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """A read-only copy of ``value`` (a registered format must not change under the export package)."""
+    return types.MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class PeftFormat:
+    """How PEFT saves a method: what ``modapt_export``'s ``load_peft``/``save_peft`` read.
+
+    A PEFT adapter folder is ``adapter_config.json`` (``peft_type`` and PEFT's options) plus
+    ``adapter_model.safetensors`` with keys ``<prefix><module path>.<file key>`` (no adapter
+    name). A method declares this as ``Method(peft=PeftFormat(...))``; the export package reads
+    nothing else about the method. A reparam's format lists the update's keys too when PEFT
+    stores them together (DoRA: ``lora_A``/``lora_B`` beside ``lora_magnitude_vector``); the
+    keys of the reparam and of the update are merged.
+
+    peft_type: PEFT's ``peft_type`` this method is saved under (``"LORA"``, ``"ADALORA"``).
+    keys: modapt own key -> key in PEFT's file under the layer path
+        (``{"lora_A.weight": "lora_A.weight"}``).
+    embedding_keys: the same for embedding layers, when PEFT names them differently
+        (``{"lora_A.weight": "lora_embedding_A"}``); empty: ``keys`` serve every layer kind.
+    options: modapt option -> PEFT config field (``{"dropout": "lora_dropout"}``).
+    patterns: options PEFT keeps per layer in a ``{module pattern: value}`` config field
+        (``{"r": "rank_pattern"}``), matched as PEFT does: ``(.*\\.)?(pattern)$``; every key
+        is also a key of ``options``.
+    config: PEFT config values that select this method (a reparam over PEFT's update, DoRA's
+        ``{"use_dora": True}``); checked on load, written back on save.
+    rank_pattern: (AdaLoRA) the extra-state key of the bool mask [r]; PEFT keeps it as config
+        ``rank_pattern {"<path>.lora_E": [bool]}`` and drops the pruned triplets from the file.
+    prefix: PEFT's key prefix.
+    """
+
+    peft_type: str
+    keys: Mapping[str, str]
+    embedding_keys: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, str] = field(default_factory=dict)
+    patterns: Mapping[str, str] = field(default_factory=dict)
+    config: Mapping[str, Any] = field(default_factory=dict)
+    rank_pattern: str | None = None
+    prefix: str = "base_model.model."
+
+    def __post_init__(self) -> None:
+        if not self.peft_type:
+            raise ValueError("PeftFormat.peft_type is empty")
+        for name in ("keys", "embedding_keys", "options", "patterns", "config"):
+            object.__setattr__(self, name, _frozen_mapping(getattr(self, name)))
+        unknown = sorted(set(self.patterns) - set(self.options))
+        if unknown:
+            raise ValueError(f"PeftFormat.patterns names options not in PeftFormat.options: {', '.join(unknown)}")
+
+    def __reduce__(self):
+        # the read-only mappings do not pickle: rebuild from plain dicts (pickle, deepcopy, spawn)
+        values = (getattr(self, f.name) for f in fields(self))
+        return (type(self), tuple(dict(v) if isinstance(v, Mapping) else v for v in values))
+
+    def file_keys(self, kind: str | None) -> dict[str, str]:
+        """modapt own key -> PEFT file key for a layer of ``kind`` (``"embedding"`` or other)."""
+        return dict(self.embedding_keys if kind == "embedding" and self.embedding_keys else self.keys)
+
+
 @dataclass(frozen=True)
 class Method:
     """One adapter method, as registered by ``modapt_register_methods``.
@@ -98,7 +160,7 @@ class Method:
     build: for ``update``: ``build(host, options) -> Update``; for ``reparam``:
         ``build(host, options, update) -> Reparam`` (see :mod:`modapt.update`); for
         ``attention`` and ``module``: ``build(module, options, model) -> Attachment``
-        (see :mod:`modapt.attachment`).
+        (see :mod:`modapt.attachment`). A :class:`~modapt.lazy.Lazy` keeps torch out of the entry module.
     own_keys: the parameter keys this method adds under the adapted module's path
         (``lora_A.weight``, ``map_alpha``); the conformance suite compares them.
     capabilities: see :class:`Capabilities`.
@@ -106,7 +168,7 @@ class Method:
     default_targets: optional ``fn(model) -> list[str]`` used when an adapter entry gives no
         ``targets`` (LMAM targets every attention module by default).
     default_update: for a reparam, the update table used when an entry gives none (DoRA: LoRA).
-    peft: optional description of PEFT's format for this method (used by modapt-export).
+    peft: optional :class:`PeftFormat`, how PEFT saves this method (read by modapt-export).
     example: one adapter-table entry (``{"method": name, ...}``) that is a valid, small recipe
         entry on :func:`modapt.testing.tiny_llama` (weight methods name ``q_proj``/``v_proj``
         targets); the repository's shared tests (recipe fuzzing, composers, merges) build their
@@ -122,7 +184,7 @@ class Method:
     description: str = ""
     default_targets: Callable[[Any], list[str]] | None = None
     default_update: dict[str, Any] | None = None
-    peft: Any = None
+    peft: PeftFormat | None = None
     example: dict[str, Any] | None = None
     # filled in by the registry: the distribution and plugin that registered it
     distribution: str = field(default="", compare=False)

@@ -19,7 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, RecipeError, did_you_mean
-from .methods import FAMILIES, Method
+from .methods import FAMILIES, Method, PeftFormat
 
 ENTRY_POINT_GROUP = "modapt"
 HOOK_PREFIX = "modapt_"
@@ -187,6 +187,9 @@ class Registry:
             raise PluginError(f"register() expects a modapt.Method, got {type(method).__name__}")
         if method.family not in FAMILIES:
             raise PluginError(f"method '{method.name}': family must be one of {', '.join(FAMILIES)}")
+        if method.peft is not None and not isinstance(method.peft, PeftFormat):
+            raise PluginError(f"method '{method.name}': peft must be a modapt.PeftFormat, "
+                              f"got {type(method.peft).__name__}")
         method = _with_origin(method, plugin, dist)
         if method.name in self._conflicts:
             self._conflicts[method.name].append(dist)

@@ -2,30 +2,10 @@
 
 A PEFT adapter folder is ``adapter_config.json`` (``peft_type`` and PEFT's options) plus
 ``adapter_model.safetensors`` with keys ``base_model.model.<module path>.<key>`` (no adapter
-name). This module knows PEFT's format; it knows modapt methods only through the data each
-method declares in ``Method.peft`` (LoRA lives in the core, which declares none, so its
-declaration is kept here). The declaration is a plain dict::
-
-    {
-      "peft_type": "LORA",                     # PEFT's type this method is saved under
-      "keys": {"lora_A.weight": "lora_A.weight", ...},
-                    # modapt own key -> key in PEFT's file, under the layer path; a value may be a
-                    # tuple whose first item is the file key (the others are ignored here)
-      "embedding_keys": {...},                 # optional: the same for embedding layers
-      "options": {"dropout": "lora_dropout"},  # optional: modapt option -> PEFT config field
-      "patterns": {"r": "rank_pattern"},       # optional: options PEFT keeps per layer in a
-                    # {module pattern: value} field, matched as PEFT does: (.*\\.)?(pattern)$
-      "config": {"use_dora": True},            # optional: PEFT config values that select this
-                    # method (a reparam over PEFT's update); written back on save
-      "rank_pattern": "rank_pattern",          # optional (AdaLoRA): extra-state key of the bool
-                    # mask [r]; PEFT keeps it as config rank_pattern {"<path>.lora_E": [bool]}
-                    # and drops the pruned triplets from the saved tensors
-      "prefix": "base_model.model.",           # optional: PEFT's key prefix (this default)
-    }
-
-A reparam's declaration lists the update's keys too when PEFT stores them together (DoRA:
-``lora_A``/``lora_B`` beside ``lora_magnitude_vector``); the keys of the reparam and of the
-update are merged. ``additive`` is PEFT's plain form and needs no declaration.
+name). This module knows PEFT's format; it knows modapt methods only through the
+:class:`modapt.PeftFormat` each method declares in ``Method.peft`` (its fields say what each
+part of the format is). LoRA lives in the core, which declares none, so its format is kept
+here; ``additive`` is PEFT's plain form and needs none.
 
 Shared state: PEFT stores a tuner's model-level tensors as ``base_model.<name>`` (VeRA's
 projections ``base_model.vera_A``/``vera_B`` when ``save_projection`` is true, its default).
@@ -48,7 +28,7 @@ import torch
 from torch import nn
 
 import modapt
-from modapt import AdapterLoadError
+from modapt import AdapterLoadError, PeftFormat
 from modapt.persistence import full_tensor
 from modapt.untrusted import UntrustedFileError, read_json
 from modapt.registry import Registry, default_registry
@@ -61,13 +41,13 @@ MODEL_LEVEL = "base_model."  # PEFT's key prefix of a tuner's shared tensors (on
 SHARED = "modapt_shared:"  # read_peft_adapter's name prefix for them (no module path has a colon)
 
 #: LoRA is the core's reference method and declares no PEFT format; this is its declaration.
-LORA_PEFT = {
-    "peft_type": "LORA",
-    "keys": {"lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight"},
-    "embedding_keys": {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"},
-    "options": {"r": "r", "lora_alpha": "lora_alpha", "dropout": "lora_dropout", "use_rslora": "use_rslora"},
-    "patterns": {"r": "rank_pattern", "lora_alpha": "alpha_pattern"},
-}
+LORA_PEFT = PeftFormat(
+    peft_type="LORA",
+    keys={"lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight"},
+    embedding_keys={"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"},
+    options={"r": "r", "lora_alpha": "lora_alpha", "dropout": "lora_dropout", "use_rslora": "use_rslora"},
+    patterns={"r": "rank_pattern", "lora_alpha": "alpha_pattern"},
+)
 FALLBACK = {"lora": LORA_PEFT}
 
 # PEFT options that change what the adapter computes; a file using one is refused unless an
@@ -81,16 +61,14 @@ class PeftFormatError(AdapterLoadError):
     """A PEFT adapter folder that modapt cannot read, or a modapt adapter PEFT cannot express."""
 
 
-def declaration(method) -> dict | None:
-    """The PEFT declaration of a registered method (its own, or the one kept here), or ``None``."""
-    decl = method.peft if method.peft is not None else FALLBACK.get(method.name)
-    return dict(decl) if decl else None
+def declaration(method) -> PeftFormat | None:
+    """The PEFT format of a registered method (its own, or the one kept here), or ``None``."""
+    return method.peft if method.peft is not None else FALLBACK.get(method.name)
 
 
-def file_keys(decl: dict, kind: str | None) -> dict[str, str]:
-    """modapt own key -> PEFT file key for a layer of ``kind`` (``"embedding"`` or other)."""
-    table = decl.get("embedding_keys") if kind == "embedding" and decl.get("embedding_keys") else decl.get("keys", {})
-    return {k: (v[0] if isinstance(v, (tuple, list)) else v) for k, v in table.items()}
+def file_keys(decl: PeftFormat | None, kind: str | None) -> dict[str, str]:
+    """modapt own key -> PEFT file key for a layer of ``kind`` (``"embedding"`` or other); none without a format."""
+    return {} if decl is None else decl.file_keys(kind)
 
 
 def pattern_value(patterns: dict | None, path: str, default):
@@ -113,8 +91,8 @@ def _methods_with(registry: Registry, family: str):
                 yield name, decl
 
 
-def _selected(decl: dict, config: dict) -> bool:
-    return all(config.get(k) == v for k, v in (decl.get("config") or {}).items())
+def _selected(decl: PeftFormat, config: dict) -> bool:
+    return all(config.get(k) == v for k, v in decl.config.items())
 
 
 def read_peft_adapter(directory: str | os.PathLike, registry: Registry | None = None
@@ -150,15 +128,15 @@ def read_peft_adapter(directory: str | os.PathLike, registry: Registry | None = 
     except Exception as exc:
         raise PeftFormatError(f"{weights}: not a readable safetensors file: {exc}") from None
 
-    updates = [(n, d) for n, d in _methods_with(registry, "update") if d["peft_type"] == peft_type and _selected(d, config)]
+    updates = [(n, d) for n, d in _methods_with(registry, "update") if d.peft_type == peft_type and _selected(d, config)]
     if not updates:
         hint = {"ADALORA": " (pip install modapt-adalora)"}.get(peft_type, "")
         raise PeftFormatError(f"{directory}: PEFT type {peft_type!r} is not read by any installed method{hint}")
     update_name, update_decl = updates[0]
     reparams = [(n, d) for n, d in _methods_with(registry, "reparam")
-                if d["peft_type"] == peft_type and d.get("config") and _selected(d, config)]
-    reparam_name, reparam_decl = reparams[0] if reparams else (None, {})
-    claimed = set(reparam_decl.get("config") or {})
+                if d.peft_type == peft_type and d.config and _selected(d, config)]
+    reparam_name, reparam_decl = reparams[0] if reparams else (None, None)
+    claimed = set(reparam_decl.config) if reparam_decl else set()
     for flag in UNSUPPORTED_FLAGS:
         if flag not in claimed and config.get(flag):
             hint = " (pip install modapt-dora)" if flag == "use_dora" else ""
@@ -168,7 +146,7 @@ def read_peft_adapter(directory: str | os.PathLike, registry: Registry | None = 
         raise PeftFormatError(f"{directory}: PEFT bias={config['bias']!r} trains base biases; modapt reads "
                               "bias='none' adapters only")
 
-    prefix = update_decl.get("prefix", PREFIX)
+    prefix = update_decl.prefix
     kinds = {"embedding": {}, "other": {}}
     for kind in kinds:  # PEFT file key -> (modapt key, which kind of layer uses that name)
         kinds[kind] = {**file_keys(update_decl, kind if kind == "embedding" else None),
@@ -216,7 +194,7 @@ def read_peft_adapter(directory: str | os.PathLike, registry: Registry | None = 
         reparam_opts = (_options_from(reparam_decl, config, path, registry.method(reparam_name).options)
                         if reparam_name else {})
         layer_tensors = layers[path]
-        mask_key = update_decl.get("rank_pattern")
+        mask_key = update_decl.rank_pattern
         if mask_key:
             layer_tensors = _expand_rank_pattern(config, path, layer_tensors, update_decl, update_opts, mask_key)
         wanted = set(file_keys(update_decl, kind)) | set(file_keys(reparam_decl, kind))
@@ -243,12 +221,12 @@ def read_peft_adapter(directory: str | os.PathLike, registry: Registry | None = 
     return recipe, tensors
 
 
-def _options_from(decl: dict, config: dict, path: str, options_cls) -> dict[str, Any]:
+def _options_from(decl: PeftFormat, config: dict, path: str, options_cls) -> dict[str, Any]:
     """A layer's modapt options from PEFT's config (JSON ints become floats where the option is a float)."""
     opts = {}
     fields = options_cls.model_fields if options_cls is not None else {}
-    patterns = decl.get("patterns") or {}
-    for own, field in (decl.get("options") or {}).items():
+    patterns = decl.patterns
+    for own, field in decl.options.items():
         value = config.get(field)
         if own in patterns:
             value = pattern_value(config.get(patterns[own]), path, value)
@@ -422,31 +400,32 @@ def peft_payload(model: nn.Module, *, registry: Registry | None = None,
         update_decl = declaration(registry.method(update_name))
         if update_decl is None:
             raise PeftFormatError(f"'{path}' uses '{update_name}', which declares no PEFT format")
-        reparam_decl = {}
+        reparam_decl = None
         if reparam_name != "additive":
-            reparam_decl = declaration(registry.method(reparam_name)) or {}
-            if not reparam_decl:
+            reparam_decl = declaration(registry.method(reparam_name))
+            if reparam_decl is None:
                 raise PeftFormatError(f"'{path}' uses the reparam '{reparam_name}', which declares no PEFT format")
-            if reparam_decl["peft_type"] != update_decl["peft_type"]:
+            if reparam_decl.peft_type != update_decl.peft_type:
                 raise PeftFormatError(f"'{path}': PEFT has no {reparam_name} over {update_name}")
-        if peft_type not in (None, update_decl["peft_type"]) or selectors not in (None, reparam_decl.get("config") or {}):
+        reparam_selectors = dict(reparam_decl.config) if reparam_decl else {}
+        if peft_type not in (None, update_decl.peft_type) or selectors not in (None, reparam_selectors):
             raise PeftFormatError("PEFT keeps one adapter type per folder; this model mixes "
-                                  f"{peft_type} and {update_decl['peft_type']}"
+                                  f"{peft_type} and {update_decl.peft_type}"
                                   f"{'' if reparam_name == 'additive' else ' with ' + reparam_name}")
-        peft_type, selectors = update_decl["peft_type"], reparam_decl.get("config") or {}
+        peft_type, selectors = update_decl.peft_type, reparam_selectors
         kind = host.kind
         kinds[kind] += 1
         spec_opts = host.update.options.model_dump(mode="json")
-        values = {field: spec_opts.get(own) for own, field in (update_decl.get("options") or {}).items()}
+        values = {field: spec_opts.get(own) for own, field in update_decl.options.items()}
         if reparam_decl:
             ropts = host.reparam.options.model_dump(mode="json")
-            values.update({field: ropts.get(own) for own, field in (reparam_decl.get("options") or {}).items()})
+            values.update({field: ropts.get(own) for own, field in reparam_decl.options.items()})
         per_layer[path] = values
         decls[path] = update_decl
         keys = {**file_keys(update_decl, kind), **file_keys(reparam_decl, kind)}
-        prefix = update_decl.get("prefix", PREFIX)
+        prefix = update_decl.prefix
         layer_tensors = {k[len(path) + 1:]: v for k, v in all_tensors.items() if k.startswith(path + ".")}
-        mask_key = update_decl.get("rank_pattern")
+        mask_key = update_decl.rank_pattern
         if mask_key:
             mask = layer_tensors.pop(mask_key).detach().to("cpu", torch.bool)
             if not bool(mask.all()):
@@ -481,8 +460,8 @@ def _peft_config(peft_type, selectors, per_layer, decls, state, kinds, model) ->
     config.update(selectors)
     patterns_of = {}
     for decl in decls.values():
-        for own, pattern_field in (decl.get("patterns") or {}).items():
-            patterns_of[decl["options"][own]] = pattern_field
+        for own, pattern_field in decl.patterns.items():
+            patterns_of[decl.options[own]] = pattern_field
     fields = sorted({f for values in per_layer.values() for f in values})
     for field in fields:
         values = {path: per_layer[path].get(field) for path in per_layer}

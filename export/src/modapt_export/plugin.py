@@ -10,10 +10,11 @@ import modapt
 
 @modapt.hookimpl
 def modapt_register_commands(register):
-    from . import export_cli, merge_cli
-
-    register("merge", merge_cli.configure, help="merge an adapter into a plain transformers checkpoint")
-    register("export", export_cli.configure, help="export a (merged) model to ONNX and verify it")
+    # named, not imported: `modapt plugins` lists the commands without importing torch
+    register("merge", modapt.Lazy("modapt_export.merge_cli:configure"),
+             help="merge an adapter into a plain transformers checkpoint")
+    register("export", modapt.Lazy("modapt_export.export_cli:configure"),
+             help="export a (merged) model to ONNX and verify it")
 
 
 @modapt.hookimpl

@@ -50,8 +50,16 @@ def build_pair(family, registry, dropout=0.0, perturbed=True):
 
 
 def peft_name(path, key, embedding):
-    table = modapt_dora.plugin.PEFT_FORMAT["embedding_keys" if embedding else "keys"]
-    return modapt_dora.plugin.PEFT_FORMAT["prefix"] + f"{path}.{table[key][1]}"
+    """PEFT's name of modapt's ``key`` in a live PeftModel (adapter "default"): the file key of
+    ``PEFT_FORMAT`` with the adapter name where PEFT's ModuleDict (``lora_A.default.weight``,
+    ``lora_magnitude_vector.default.weight``) or ParameterDict (``lora_embedding_A.default``) puts it."""
+    fmt = modapt_dora.plugin.PEFT_FORMAT
+    file_key = fmt.file_keys("embedding" if embedding else None)[key]
+    if file_key.startswith("lora_embedding_"):
+        live = file_key + ".default"
+    else:
+        live = file_key.removesuffix(".weight") + ".default.weight"
+    return fmt.prefix + f"{path}.{live}"
 
 
 @torch.no_grad()

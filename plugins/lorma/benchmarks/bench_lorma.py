@@ -44,9 +44,9 @@ METHODS = {
     "lorma-pi-direct": {"method": "lorma", "inflation": "pi", "pi_path": "direct"},
     "lorma-pi-fft": {"method": "lorma", "inflation": "pi", "pi_path": "fft"},
     "lorma-pi-weight": {"method": "lorma", "inflation": "pi", "pi_path": "weight"},
-    # the same path with W* rebuilt in backward instead of kept (modapt_lorma.update.RECOMPUTE_WEIGHT)
+    # the same path with W* rebuilt in backward instead of kept (modapt.fast_paths(lorma_recompute_weight=True))
     "lorma-pi-weight-recompute": {"method": "lorma", "inflation": "pi", "pi_path": "weight"},
-    # the same path with T and W* built in the base's dtype (weight_path.BUILD_IN_BASE_DTYPE; bf16 on CUDA)
+    # the same path with T and W* built in the base's dtype (fast_paths(lorma_build_in_base_dtype=True); bf16 on CUDA)
     "lorma-pi-weight-basedtype": {"method": "lorma", "inflation": "pi", "pi_path": "weight"},
     "lorma-pi-auto": {"method": "lorma", "inflation": "pi", "pi_path": "auto"},
 }
@@ -83,10 +83,16 @@ def one(method: str, out_f: int, in_f: int, tokens: int, r: int, device: torch.d
         repeats: int, autocast: bool = False) -> dict:
     """Step time and memory of one configuration (run in a child process)."""
     import modapt
-    from modapt_lorma import update, weight_path
 
-    update.RECOMPUTE_WEIGHT = method.endswith("-recompute")
-    weight_path.BUILD_IN_BASE_DTYPE = method.endswith("-basedtype")
+    with modapt.fast_paths(lorma_recompute_weight=method.endswith("-recompute"),
+                           lorma_build_in_base_dtype=method.endswith("-basedtype")):
+        return _one(method, out_f, in_f, tokens, r, device, dtype, repeats, autocast)
+
+
+def _one(method: str, out_f: int, in_f: int, tokens: int, r: int, device: torch.device, dtype: torch.dtype,
+         repeats: int, autocast: bool = False) -> dict:
+    import modapt
+
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(in_f, out_f)).to(device=device, dtype=dtype)
     entry = {**METHODS[method], "targets": ["0"], "r": r, "lora_alpha": float(r)}

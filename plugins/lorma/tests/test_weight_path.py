@@ -5,7 +5,7 @@ import modapt.lora
 import pytest
 import torch
 from modapt.testing import tiny_bert, tiny_gpt2, tiny_inputs, tiny_llama
-from modapt_lorma import pi_path, update
+from modapt_lorma import pi_path
 from modapt_lorma.weight_path import pi_weight_linear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -39,7 +39,7 @@ def randomise(host, seed=1):
     host.lorma_B.copy_(torch.randn(host.lorma_B.shape, generator=gen, dtype=host.lorma_B.dtype) * 0.3)
 
 
-def run_layer(registry, layer, path, side, x, recompute=False, monkeypatch=None):
+def run_layer(registry, layer, path, side, x, recompute=False):
     """(output, ∂x, ∂A, ∂B) of ``layer`` adapted with LoRMAπ on ``path``, float64 throughout."""
     net = nn.Sequential(layer).double()
     modapt.apply(net, {"adapter": [{"method": "lorma", "targets": ["0"], "r": 4, "lora_alpha": 6.0,
@@ -48,10 +48,9 @@ def run_layer(registry, layer, path, side, x, recompute=False, monkeypatch=None)
     host = net[0]
     randomise(host)
     x = x.detach().clone().double().requires_grad_()
-    if monkeypatch is not None:
-        monkeypatch.setattr(update, "RECOMPUTE_WEIGHT", recompute)
-    out = net(x)
-    out.pow(2).sum().backward()
+    with modapt.fast_paths(lorma_recompute_weight=recompute):
+        out = net(x)
+        out.pow(2).sum().backward()
     return out, x.grad, host.lorma_A.grad, host.lorma_B.grad, host
 
 
@@ -87,13 +86,13 @@ def test_weight_path_equals_explicit_formula_and_direct(registry, name, side):
 
 
 @pytest.mark.parametrize("side", ["pre", "post"])
-def test_recomputing_w_star_gives_the_same_gradients(registry, side, monkeypatch):
+def test_recomputing_w_star_gives_the_same_gradients(registry, side):
     x = torch.randn(7, 12, generator=torch.Generator().manual_seed(4))
-    kept = run_layer(registry, Conv1D(20, 12), "weight", side, x, recompute=False, monkeypatch=monkeypatch)
+    kept = run_layer(registry, Conv1D(20, 12), "weight", side, x, recompute=False)
     torch.manual_seed(0)
     layer = Conv1D(20, 12)
     layer.load_state_dict(kept[-1].base_layer.state_dict())
-    rebuilt = run_layer(registry, layer, "weight", side, x, recompute=True, monkeypatch=monkeypatch)
+    rebuilt = run_layer(registry, layer, "weight", side, x, recompute=True)
     for u, v in zip(kept[:4], rebuilt[:4]):
         torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-12)
 
@@ -285,23 +284,21 @@ def test_autocast_matches_direct(registry):
         torch.testing.assert_close(u, v, rtol=5e-2, atol=5e-2 * v.abs().max().item())
 
 
-def test_build_in_base_dtype_switch_stays_close_to_fp32_build(registry, monkeypatch):
+def test_build_in_base_dtype_switch_stays_close_to_fp32_build(registry):
     """The experiment switch: T and W* in the bf16 base's dtype; same W within bf16 rounding."""
-    from modapt_lorma import weight_path
-
     outs = []
     for switch in (False, True):
-        monkeypatch.setattr(weight_path, "BUILD_IN_BASE_DTYPE", switch)
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(32, 48)).to(torch.bfloat16)
-        modapt.apply(net, {"adapter": [{"method": "lorma", "targets": ["0"], "r": 4, "inflation": "pi",
-                                        "pi_path": "weight"}]}, registry=registry)
-        randomise(net[0])
-        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).requires_grad_()
-        out = net(x)
-        out.float().pow(2).sum().backward()
-        assert out.dtype == torch.bfloat16 and net[0].lorma_A.grad.dtype == torch.float32
-        outs.append((out.float(), x.grad.float(), net[0].lorma_A.grad, net[0].lorma_B.grad))
+        with modapt.fast_paths(lorma_build_in_base_dtype=switch):
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Linear(32, 48)).to(torch.bfloat16)
+            modapt.apply(net, {"adapter": [{"method": "lorma", "targets": ["0"], "r": 4, "inflation": "pi",
+                                            "pi_path": "weight"}]}, registry=registry)
+            randomise(net[0])
+            x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).requires_grad_()
+            out = net(x)
+            out.float().pow(2).sum().backward()
+            assert out.dtype == torch.bfloat16 and net[0].lorma_A.grad.dtype == torch.float32
+            outs.append((out.float(), x.grad.float(), net[0].lorma_A.grad, net[0].lorma_B.grad))
     assert not torch.equal(outs[0][0], outs[1][0])  # the switch changes the rounding
     for u, v in zip(*outs):
         torch.testing.assert_close(u, v, rtol=3e-2, atol=3e-2 * v.abs().max().item())

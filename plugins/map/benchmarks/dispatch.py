@@ -2,7 +2,7 @@
 
 Methods, each on its own copy of the same model, timed in interleaved rounds: modapt LoRA (the
 reference), LoMAP, AdaLoMAP, each also as ``<method>-general`` (MAP's one-node path switched off:
-``modapt_map.factored.ENABLED = False`` while that model runs), and PEFT LoRA. Then aten ops per
+``modapt.fast_paths(map_one_node=False)`` while that model runs), and PEFT LoRA. Then aten ops per
 step and the extra ops per adapted layer over modapt LoRA (:mod:`modapt.testing.dispatch` says
 why a tiny-hidden LLaMA on a CPU measures the GPU's launch-bound regime, the 135M shape's).
 
@@ -26,7 +26,6 @@ def adapt(method, model, args):
         config = peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules=dispatch.TARGETS)
         return peft.get_peft_model(model, config), None, None
     import modapt
-    from modapt_map import factored
 
     lora = {"method": "lora", "r": args.r, "lora_alpha": 2.0 * args.r}
     if method == "lora":
@@ -38,10 +37,15 @@ def adapt(method, model, args):
     modapt.apply(model, {"adapter": [{"method": "map", "targets": dispatch.TARGETS, "update": update}]})
     fused = name == method
 
-    def switch(module, inputs):  # the module-level switch, set for whichever model runs
-        factored.ENABLED = fused
+    def switch(module, inputs):  # MAP's one-node path on or off while this model's forward runs
+        module.modapt_fast_paths = modapt.fast_paths(map_one_node=fused)
+        module.modapt_fast_paths.__enter__()
+
+    def switch_back(module, inputs, output):
+        module.modapt_fast_paths.__exit__(None, None, None)
 
     model.register_forward_pre_hook(switch)
+    model.register_forward_hook(switch_back)
     if name == "lomap":
         return model, None, None
     return model, (lambda: modapt.regularization_loss(model)), (lambda step: modapt.after_optimizer_step(model, step))

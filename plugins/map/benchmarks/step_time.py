@@ -4,7 +4,7 @@ One step = forward (+ AdaLoRA's regulariser) + backward + ``modapt.before_optimi
 step + ``modapt.after_optimizer_step`` + zero_grad, on a randomly initialised LLaMA built from a
 config (no download), causal-LM loss on random ids; adapters on q, k, v, o, gate, up, down with
 rank r (lora_alpha = 2r; AdaLoRA: init_r = r, target_r = r/2). ``<method>-general`` is the same
-recipe with MAP's one-node path switched off (``modapt_map.factored.ENABLED = False``): every layer
+recipe with MAP's one-node path switched off (``modapt.fast_paths(map_one_node=False)``): every layer
 takes the update's forward and ``MapOutput``, as before the one-node path existed.
 
 Figures per method:
@@ -84,9 +84,6 @@ class Run:
     """One adapted model with its optimizer and a fixed batch; ``step()`` is one training step."""
 
     def __init__(self, method: str, args, device: torch.device):
-        from modapt_map import factored
-
-        self.factored = factored
         self.fused = not method.endswith("-general")
         self.device = device
         total = args.warmup + args.steps + 2
@@ -113,8 +110,8 @@ class Run:
         self.times: list[float] = []
 
     def loss(self) -> torch.Tensor:
-        self.factored.ENABLED = self.fused
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with modapt.fast_paths(map_one_node=self.fused), \
+                torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             loss = self.model(input_ids=self.ids, labels=self.ids).loss
             if self.regularised:
                 loss = loss + modapt.regularization_loss(self.model)

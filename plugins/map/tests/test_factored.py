@@ -287,7 +287,7 @@ def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_saves_what_lora_saves_plus_a_constant(reg, dtype, monkeypatch):
+def test_saves_what_lora_saves_plus_a_constant(reg, dtype):
     """LoMAP's saved memory minus LoRA's does not grow with the number of tokens (it is the k-wide
     factors and the norm's k×k graph); the general path's grows by ΔW x [tokens, out]."""
     def excess() -> list[int]:
@@ -307,8 +307,8 @@ def test_saves_what_lora_saves_plus_a_constant(reg, dtype, monkeypatch):
     small, large = excess()
     assert large <= small  # bf16: LoRA keeps x in float32, the node keeps the bf16 x: smaller
     assert small <= 4 * OUT * 4 * 4 + 1024  # a few k-wide [out, k] tensors and O(1)
-    monkeypatch.setattr("modapt_map.factored.ENABLED", False)
-    small, large = excess()
+    with modapt.fast_paths(map_one_node=False):
+        small, large = excess()
     assert large - small >= (64 - 8) * OUT * (2 if dtype == torch.bfloat16 else 4)  # ΔW x [tokens, out]
 
 
@@ -331,8 +331,6 @@ def test_torch_compile_keeps_the_node_and_its_numbers(reg):
 def test_an_update_declaring_fused_low_rank_takes_the_one_node_path(reg):
     """FLoRA (another distribution, no list names it) declares the capability: map over flora is
     one node, equal to the general path (forward and gradients)."""
-    import modapt_map.factored as factored
-
     flora = pytest.importorskip("modapt_flora.plugin")
     reg.register_plugin(flora, name="flora", distribution="modapt-flora")
     UPDATES["flora"] = {"method": "flora", "r": 4, "lora_alpha": 16.0}
@@ -345,12 +343,9 @@ def test_an_update_declaring_fused_low_rank_takes_the_one_node_path(reg):
     assert type(y.grad_fn).__name__ == "MapFactoredBackward"
     params = [p for p in model.parameters() if p.requires_grad]
     fused = torch.autograd.grad(y.square().sum(), params)
-    factored.ENABLED = False
-    try:
+    with modapt.fast_paths(map_one_node=False):
         y_ref = model(x)
         ref = torch.autograd.grad(y_ref.square().sum(), params)
-    finally:
-        factored.ENABLED = True
     assert type(y_ref.grad_fn).__name__ != "MapFactoredBackward"
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(fused, ref):

@@ -12,17 +12,13 @@ Parameter ``ia3_l``: [out] on the output side, [in] on the input side.
 
 from __future__ import annotations
 
-import pydantic
 import torch
 from torch import nn
 
 import modapt
 from modapt import layers
 
-
-class Ia3Options(modapt.Options):
-    side: str = pydantic.Field("output", pattern="^(output|input)$",
-                               description="rescale the output channels or the input features")
+from .options import Ia3Options
 
 
 class Ia3(modapt.Update):

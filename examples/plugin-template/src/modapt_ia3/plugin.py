@@ -1,16 +1,21 @@
-"""The plugin module named by the entry point: it registers the ``ia3`` method."""
+"""The plugin module named by the entry point: it registers the ``ia3`` method.
+
+It imports no torch, so that ``modapt plugins`` and ``modapt recipe check`` stay fast: the
+options come from :mod:`modapt_ia3.options`, and ``build`` names the torch class
+(:class:`modapt_ia3.ia3.Ia3`) as a :class:`modapt.Lazy`, imported when a model is built.
+"""
 
 from __future__ import annotations
 
 import modapt
 
-from .ia3 import Ia3, Ia3Options
+from .options import Ia3Options
 
 IA3 = modapt.Method(
     name="ia3",
     family="update",
     options=Ia3Options,
-    build=Ia3,
+    build=modapt.Lazy("modapt_ia3.ia3:Ia3"),
     own_keys=("ia3_l",),
     capabilities=modapt.Capabilities(
         mergeable=True,                # delta_weight folds into W0

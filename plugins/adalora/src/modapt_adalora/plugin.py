@@ -3,31 +3,28 @@
 from __future__ import annotations
 
 import modapt
-from modapt import Capabilities, Method
+from modapt import Capabilities, Lazy, Method, PeftFormat
 
-from .allocator import allocators_of
 from .options import SCHEDULE_KEYS, AdaLoraOptions
-from .orthogonality import orthogonality
-from .svd_update import AdaLora
 
 #: How this method's tensors and options map onto PEFT 0.21's AdaLoRA (for modapt-export).
 #: Tensors: modapt ``<path>.<key>`` <-> PEFT file ``base_model.model.<path>.<key>`` (no adapter
 #: name in PEFT's file). PEFT keeps the rank pattern in ``adapter_config.json`` (``rank_pattern``,
 #: ``{"<path>.lora_E": [bool] * init_r}``) and drops the pruned triplets from the saved tensors;
 #: modapt keeps full ``init_r`` tensors and the pattern as the ``rank_pattern`` buffer.
-PEFT_FORMAT = {
-    "peft_type": "ADALORA",
-    "keys": {"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"},
-    "options": {**{k: k for k in SCHEDULE_KEYS}, "lora_alpha": "lora_alpha", "dropout": "lora_dropout"},
-    "rank_pattern": "rank_pattern",
-}
+PEFT_FORMAT = PeftFormat(
+    peft_type="ADALORA",
+    keys={"lora_A": "lora_A", "lora_E": "lora_E", "lora_B": "lora_B"},
+    options={**{k: k for k in SCHEDULE_KEYS}, "lora_alpha": "lora_alpha", "dropout": "lora_dropout"},
+    rank_pattern="rank_pattern",
+)
 
 ADALORA = Method(
     name="adalora",
     example={"method": "adalora", "init_r": 4, "target_r": 2, "total_step": 10, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=AdaLoraOptions,
-    build=AdaLora,
+    build=Lazy("modapt_adalora.svd_update:AdaLora"),
     own_keys=("lora_A", "lora_E", "lora_B"),
     capabilities=Capabilities(
         mergeable=True,
@@ -48,6 +45,9 @@ def modapt_register_methods(register):
 @modapt.hookimpl
 def modapt_regularization_loss(model):
     """orth_reg_weight · mean orthogonality residual, per schedule group; None without AdaLoRA layers."""
+    from .allocator import allocators_of  # torch: imported when a model trains, not at registry load
+    from .orthogonality import orthogonality
+
     terms = [a.options.orth_reg_weight * orthogonality(a.hosts.values())
              for a in allocators_of(model) if a.options.orth_reg_weight > 0]
     if not terms:
@@ -58,6 +58,8 @@ def modapt_regularization_loss(model):
 @modapt.hookimpl
 def modapt_after_optimizer_step(model, step):
     """Importance scores and rank allocation (PEFT's ``update_and_allocate(step)``)."""
+    from .allocator import allocators_of
+
     for allocator in allocators_of(model):
         allocator.step(step)
 

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .options import ACTIVATION_NAMES
+
 ACTIVATIONS = {
     "relu": nn.ReLU,
     "gelu": nn.GELU,
@@ -15,6 +17,7 @@ ACTIVATIONS = {
     "tanh": nn.Tanh,
     "identity": nn.Identity,
 }
+assert tuple(ACTIVATIONS) == ACTIVATION_NAMES, "options.ACTIVATION_NAMES lists these keys, for the option's schema"
 
 
 class BottleneckAdapter(nn.Module):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import modapt
 
-from .attachment import BottleneckOptions, build
-from .sites import find_blocks
+from .options import BottleneckOptions
 
 BOTTLENECK = modapt.Method(
     name="bottleneck",
     example={"method": "bottleneck"},
     family="module",
     options=BottleneckOptions,
-    build=build,
+    build=modapt.Lazy("modapt_bottleneck.attachment:build"),
     own_keys=("adapter_attn", "adapter_ffn"),
     capabilities=modapt.Capabilities(
         mergeable=False,
@@ -21,7 +20,7 @@ BOTTLENECK = modapt.Method(
         layer_kinds=frozenset(),
     ),
     description="Bottleneck adapters: series (Houlsby), parallel (He et al.), Adapter-FFN",
-    default_targets=find_blocks,
+    default_targets=modapt.Lazy("modapt_bottleneck.sites:find_blocks"),
 )
 
 

@@ -21,21 +21,14 @@ without active dropout runs as one autograd node (:mod:`modapt_dora.fused`).
 from __future__ import annotations
 
 import torch
-from modapt import Options, Reparam, layers
+from modapt import Reparam, layers
 from modapt.lora import Lora
 from torch import nn
 
 from .fused import DoraLora
 from .norm import BaseRowNormCache, direct_factor_norm, direct_is_cheaper, direct_row_norm, factored_row_norm
+from .options import MAGNITUDE, DoraOptions
 from .rescale import rescale
-
-MAGNITUDE = "lora_magnitude_vector"
-
-
-class DoraOptions(Options):
-    """DoRA has no hyper-parameters of its own: rank, alpha and dropout belong to the update
-    (``[adapter.update]``, LoRA's ``r``, ``lora_alpha``, ``dropout``)."""
-
 
 class Dora(Reparam):
     """The DoRA reparam on one host (an :class:`modapt.AdaptedLayer`)."""

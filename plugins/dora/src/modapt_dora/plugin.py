@@ -4,36 +4,27 @@ from __future__ import annotations
 
 import modapt
 
-from .dora import MAGNITUDE, Dora, DoraOptions
+from .options import MAGNITUDE, DoraOptions
 
 #: PEFT 0.21's format for DoRA over LoRA (``LoraConfig(use_dora=True)``), for modapt-export.
 #: A modapt key ``<path>.<key>`` is PEFT's ``base_model.model.<path>.<file key>`` in
 #: ``adapter_model.safetensors`` and ``base_model.model.<path>.<live key>`` in a live
 #: ``PeftModel``'s ``named_parameters()``. Shapes are equal on both sides, no transpose.
-PEFT_FORMAT = {
-    "peft_type": "LORA",
-    "config": {"use_dora": True},
-    "update": "lora",
-    "prefix": "base_model.model.",
-    "keys": {
-        # modapt key: (key in PEFT's adapter file, key in a live PeftModel named "default")
-        "lora_A.weight": ("lora_A.weight", "lora_A.default.weight"),
-        "lora_B.weight": ("lora_B.weight", "lora_B.default.weight"),
-        MAGNITUDE: (MAGNITUDE, f"{MAGNITUDE}.default.weight"),
-    },
-    "embedding_keys": {
-        "lora_A.weight": ("lora_embedding_A", "lora_embedding_A.default"),
-        "lora_B.weight": ("lora_embedding_B", "lora_embedding_B.default"),
-        MAGNITUDE: (MAGNITUDE, f"{MAGNITUDE}.default.weight"),
-    },
-}
+PEFT_FORMAT = modapt.PeftFormat(
+    peft_type="LORA",
+    config={"use_dora": True},  # PEFT's LoRA with use_dora: DoRA over LoRA
+    # PEFT stores LoRA's factors beside the magnitude: modapt key -> key in PEFT's adapter file
+    keys={"lora_A.weight": "lora_A.weight", "lora_B.weight": "lora_B.weight", MAGNITUDE: MAGNITUDE},
+    embedding_keys={"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B",
+                    MAGNITUDE: MAGNITUDE},
+)
 
 DORA = modapt.Method(
     name="dora",
     example={"method": "dora", "targets": ["q_proj", "v_proj"], "update": {"method": "lora", "r": 4}},
     family="reparam",
     options=DoraOptions,
-    build=Dora,
+    build=modapt.Lazy("modapt_dora.dora:Dora"),
     own_keys=(MAGNITUDE,),
     capabilities=modapt.Capabilities(
         mergeable=True,

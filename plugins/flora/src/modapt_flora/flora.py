@@ -18,16 +18,11 @@ from __future__ import annotations
 import math
 
 import modapt
-import pydantic
 import torch
 from modapt import layers
 from torch import nn
 
-
-class FloraOptions(modapt.Options):
-    r: int = pydantic.Field(8, gt=0, description="rank: size of the r×r core G")
-    lora_alpha: float = pydantic.Field(8.0, gt=0, description="scaling numerator: s = lora_alpha / r")
-    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
+from .options import FloraOptions
 
 
 class Flora(modapt.Update):

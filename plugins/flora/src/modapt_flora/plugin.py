@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import modapt
 
-from .flora import Flora, FloraOptions
+from .options import FloraOptions
 
 FLORA = modapt.Method(
     name="flora",
     example={"method": "flora", "r": 4, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=FloraOptions,
-    build=Flora,
+    build=modapt.Lazy("modapt_flora.flora:Flora"),
     own_keys=("flora_A", "flora_G", "flora_B"),
     capabilities=modapt.Capabilities(
         mergeable=True,

@@ -6,7 +6,10 @@ added to every self-attention module through transformers' attention interface, 
 N×N map. See the README for the equations, shapes and choices.
 """
 
-from .attachment import LmamAttachment, build
-from .options import LmamOptions
+from modapt import lazy_exports
+
+# imported on first use: the entry module (modapt_lmam.plugin) imports this package first
+__getattr__, __dir__ = lazy_exports(__name__, {"LmamAttachment": "attachment", "build": "attachment",
+                                               "LmamOptions": "options"})
 
 __all__ = ["LmamAttachment", "LmamOptions", "build"]

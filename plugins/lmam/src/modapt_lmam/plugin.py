@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import modapt
 
-from . import attention_map, export, targets
-from .attachment import build
 from .options import LmamOptions
 
 LMAM = modapt.Method(
@@ -13,8 +11,8 @@ LMAM = modapt.Method(
     example={"method": "lmam"},
     family="attention",
     options=LmamOptions,
-    build=build,
-    own_keys=(attention_map.WA, attention_map.WB, attention_map.W_FULL),
+    build=modapt.Lazy("modapt_lmam.attachment:build"),
+    own_keys=("lmam_Wa", "lmam_Wb", "lmam_W"),  # attention_map.WA, WB, W_FULL (a test compares)
     capabilities=modapt.Capabilities(
         mergeable=False,
         exportable=True,
@@ -23,7 +21,7 @@ LMAM = modapt.Method(
         layer_kinds=frozenset(),
     ),
     description="LMAM: softmax(QKᵀ/√d) + ((W_a+P_a)(W_b+P_b))·s on the attention map (LoRaDA)",
-    default_targets=targets.attention_modules,
+    default_targets=modapt.Lazy("modapt_lmam.targets:attention_modules"),
 )
 
 
@@ -34,6 +32,8 @@ def modapt_register_methods(register):
 
 @modapt.hookimpl
 def modapt_prepare_export(model, task):
+    from . import export  # torch: imported when a model is exported, not at registry load
+
     export.prepare(model)
 
 

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import modapt
-from modapt import Capabilities, Method, hookimpl
+from modapt import Capabilities, Lazy, Method, hookimpl
 
 from .options import LormaOptions
-from .rank_monitor import record_from_hook
-from .update import Lorma
 
 LORMA = Method(
     name="lorma",
     example={"method": "lorma", "r": 4, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=LormaOptions,
-    build=Lorma,
+    build=Lazy("modapt_lorma.update:Lorma"),
     own_keys=("lorma_A", "lorma_B"),
     capabilities=Capabilities(
         mergeable=True,
@@ -38,6 +36,8 @@ def modapt_register_methods(register):
 @hookimpl
 def modapt_after_optimizer_step(model, step):
     if modapt.is_adapted(model):
+        from .rank_monitor import record_from_hook  # torch: imported when a model trains
+
         record_from_hook(model, step)
 
 

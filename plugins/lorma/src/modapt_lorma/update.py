@@ -24,7 +24,7 @@ import math
 import warnings
 
 import torch
-from modapt import Update, layers
+from modapt import Update, fast_path_switches, layers
 from torch import nn
 
 from . import pi_path
@@ -33,9 +33,6 @@ from .options import LormaOptions
 from .weight_path import pi_weight_linear
 
 _warned_fft_upcast = False
-
-RECOMPUTE_WEIGHT = False
-"""Whether the weight path rebuilds W* in backward instead of keeping it (README: measured trade)."""
 
 
 class Lorma(Update):
@@ -91,17 +88,19 @@ class Lorma(Update):
             return None
         a, b = self.host.lorma_A, self.host.lorma_B
         out_f, in_f = layers.dims_of(base_layer)
+        # modapt.fast_paths(lorma_recompute_weight=True): rebuild W* in backward instead of keeping it
+        recompute = fast_path_switches.current.lorma_recompute_weight
         if self.options.pi_path == "auto":
             tokens = x.numel() // max(in_f, 1)
             training = torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)
             if pi_path.choose(out_f, in_f, self.options.side, self.options.r, tokens, training=training,
-                              recompute=RECOMPUTE_WEIGHT) != "weight":
+                              recompute=recompute) != "weight":
                 return None
         elif self.options.pi_path != "weight":
             return None
         bias = getattr(base_layer, "bias", None)
         return pi_weight_linear(x, a, b, self.scaling, layers.weight_of(base_layer), bias, self.options.side,
-                                recompute=RECOMPUTE_WEIGHT)
+                                recompute=recompute)
 
     def _dropout_active(self) -> bool:
         dropout = self.host.lorma_dropout

@@ -30,17 +30,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from modapt import fast_path_switches
 from modapt.float32_gemm import mm_float32
 
 from .inflation import _rotate
-
-
-BUILD_IN_BASE_DTYPE = False
-"""Experiment switch (off): build T and W* in a bf16/fp16 base's dtype instead of the fp32 parameters'.
-
-Faster build GEMMs on a GPU, but T ≈ I rounded to bf16 loses diagonal changes below 2⁻⁸ (README).
-``benchmarks/bench_lorma.py`` measures it as ``lorma-pi-weight-basedtype``.
-"""
 
 
 def pi_weight_linear(x: torch.Tensor, lorma_a: torch.Tensor, lorma_b: torch.Tensor, scaling: float,
@@ -57,7 +50,10 @@ def pi_weight_linear(x: torch.Tensor, lorma_a: torch.Tensor, lorma_b: torch.Tens
         build_dtype = gemm_dtype = torch.get_autocast_dtype(device_type)
     else:
         build_dtype, gemm_dtype = lorma_a.dtype, w0.dtype
-        if BUILD_IN_BASE_DTYPE and w0.dtype.itemsize < lorma_a.dtype.itemsize:
+        # experiment switch, off: modapt.fast_paths(lorma_build_in_base_dtype=True) builds T and W* in a
+        # bf16/fp16 base's dtype (faster build GEMMs on a GPU, but T ≈ I in bf16 loses diagonal changes
+        # below 2⁻⁸, README); benchmarks/bench_lorma.py measures it as lorma-pi-weight-basedtype
+        if fast_path_switches.current.lorma_build_in_base_dtype and w0.dtype.itemsize < lorma_a.dtype.itemsize:
             build_dtype = w0.dtype
     with torch.autocast(device_type, enabled=False):
         return _PiWeightLinear.apply(x, lorma_a, lorma_b, w0, bias, scaling, side == "pre", recompute,

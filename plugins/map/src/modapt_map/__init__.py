@@ -4,7 +4,9 @@
 registered through the entry point is :mod:`modapt_map.plugin`.
 """
 
-from .options import MapOptions
-from .reparam import Map
+from modapt import lazy_exports
+
+# imported on first use: the entry module (modapt_map.plugin) imports this package first
+__getattr__, __dir__ = lazy_exports(__name__, {"Map": "reparam", "MapOptions": "options"})
 
 __all__ = ["Map", "MapOptions"]

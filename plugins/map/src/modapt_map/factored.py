@@ -41,18 +41,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from modapt import Update, layers
+from modapt import Update, fast_path_switches, layers
 from modapt.float32_gemm import mm_float32
 from modapt.one_kernel import constant, mul_to
 from modapt.tracing import exporting
 from torch import nn
 
 from .output import inner
-
-#: Switch for measurements (``benchmarks/step_time.py`` runs each method both ways): ``False``
-#: sends every layer through the general path.
-ENABLED = True
-
 
 def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dtype | None:
     """The dtype the fused node would compute in for input ``x``, or ``None``: the general path.
@@ -66,7 +61,8 @@ def compute_dtype(x: torch.Tensor, host: nn.Module, update: Update) -> torch.dty
     mode: with dropout, R's gradient needs the dropped x and the base path the plain one, and
     storing both would cost more than the general path saves; dropout > 0 in training keeps it).
     """
-    if not ENABLED or not x.is_floating_point() or exporting():
+    # modapt.fast_paths(map_one_node=False) sends every layer through the general path (measurements)
+    if not fast_path_switches.current.map_one_node or not x.is_floating_point() or exporting():
         return None
     base = host.base_layer
     if not layers.called_plainly(base):

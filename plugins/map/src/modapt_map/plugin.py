@@ -5,15 +5,13 @@ from __future__ import annotations
 import modapt
 
 from .options import MapOptions
-from .reparam import Map
-from .schedule import rest_gradients
 
 MAP = modapt.Method(
     name="map",
     example={"method": "map", "targets": ["q_proj", "v_proj"], "update": {"method": "lora", "r": 4}},
     family="reparam",
     options=MapOptions,
-    build=Map,
+    build=modapt.Lazy("modapt_map.reparam:Map"),
     own_keys=("map_alpha", "map_beta"),
     capabilities=modapt.Capabilities(
         mergeable=True,
@@ -33,6 +31,8 @@ def modapt_register_methods(register):
 
 @modapt.hookimpl
 def modapt_before_optimizer_step(model, step):
+    from .schedule import rest_gradients  # torch: imported when a model trains, not at registry load
+
     rest_gradients(model, step)
 
 

@@ -1,7 +1,10 @@
 """modapt-quanta: the QuanTA update ``ΔW = T(θ) − T(θ0)`` (see :mod:`modapt_quanta.quanta`)."""
 
-from .circuit import Circuit, apply_circuit, plan_circuit
-from .factorization import factorize
-from .quanta import Quanta, QuantaOptions
+from modapt import lazy_exports
+
+# imported on first use: the entry module (modapt_quanta.plugin) imports this package first
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "Circuit": "circuit", "apply_circuit": "circuit", "plan_circuit": "circuit", "factorize": "factorization",
+    "Quanta": "quanta", "QuantaOptions": "options"})
 
 __all__ = ["Circuit", "Quanta", "QuantaOptions", "apply_circuit", "factorize", "plan_circuit"]

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import modapt
 
-from .quanta import Quanta, QuantaOptions
+from .options import QuantaOptions
 
 QUANTA = modapt.Method(
     name="quanta",
     example={"method": "quanta", "targets": ["q_proj", "v_proj"]},
     family="update",
     options=QuantaOptions,
-    build=Quanta,
+    build=modapt.Lazy("modapt_quanta.quanta:Quanta"),
     own_keys=("quanta_theta",),
     capabilities=modapt.Capabilities(
         mergeable=True,

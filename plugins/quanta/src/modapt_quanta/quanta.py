@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Annotated, Literal
 
 import modapt
-import pydantic
 import torch
 from modapt import layers
 from torch import nn
@@ -32,33 +30,12 @@ from torch import nn
 from .circuit import apply_circuit, circuit_matrix, init_gates, plan_circuit
 from .difference import Schedule, circuit_difference
 from .factorization import factorize
+from .options import QuantaOptions
 
 #: saved with every QuanTA layer as ``quanta_format_version``. 2: gates in the official order
 #: (format 1, without the tensor, applied them in reverse order: the same θ is another matrix)
 FORMAT_VERSION = 2
 DEFAULT_NUM_AXES = 4  # N = 4 in the paper's settings (LoRaDA-LMAM Table 17, from QuanTA)
-
-
-class QuantaOptions(modapt.Options):
-    dims: list[Annotated[int, pydantic.Field(ge=2)]] | None = pydantic.Field(
-        None, min_length=2,
-        description="factors d1…dN of the hidden size, e.g. [16, 8, 8, 4] for 4096; a layer side of "
-                    "another size is factored automatically into as many axes")
-    num_axes: int | None = pydantic.Field(
-        None, ge=2, description="N for the automatic factorisation (default 4, or len(dims))")
-    dropout: float = pydantic.Field(
-        0.0, ge=0.0, lt=1.0,
-        description="dropout on the input of the trainable circuit T(θ) only (the official placement)")
-    init: Literal["kaiming", "orthogonal"] = pydantic.Field(
-        "kaiming", description="gate initialisation: 'kaiming' (official: Kaiming-uniform, linear gain) "
-                               "or 'orthogonal' (each gate a (semi-)orthogonal matrix)")
-
-    @pydantic.model_validator(mode="after")
-    def _axes_agree(self):
-        if self.dims is not None and self.num_axes is not None and self.num_axes != len(self.dims):
-            raise ValueError(f"num_axes = {self.num_axes} but dims {self.dims} has {len(self.dims)} axes; "
-                             "give one of them")
-        return self
 
 
 def layer_factors(out_f: int, in_f: int, options: QuantaOptions) -> tuple[list[int], list[int]]:

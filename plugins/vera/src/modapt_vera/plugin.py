@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import modapt
 
-from .vera import Vera, VeraOptions
+from .options import VeraOptions
 
 #: PEFT 0.21's format (``VeraConfig``), for modapt-export. Folders saved with
 #: ``save_projection=False`` (A and B regenerated from the key) convert both ways.
-VERA_PEFT = {
-    "peft_type": "VERA",
-    "keys": {"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"},
-    "options": {"r": "r", "projection_prng_key": "projection_prng_key", "d_initial": "d_initial",
-                "dropout": "vera_dropout", "save_projection": "save_projection"},
-}
+VERA_PEFT = modapt.PeftFormat(
+    peft_type="VERA",
+    keys={"vera_lambda_b": "vera_lambda_b", "vera_lambda_d": "vera_lambda_d"},
+    options={"r": "r", "projection_prng_key": "projection_prng_key", "d_initial": "d_initial",
+             "dropout": "vera_dropout", "save_projection": "save_projection"},
+)
 
 VERA = modapt.Method(
     name="vera",
     example={"method": "vera", "r": 8, "targets": ["q_proj", "v_proj"]},
     family="update",
     options=VeraOptions,
-    build=Vera,
+    build=modapt.Lazy("modapt_vera.vera:Vera"),
     own_keys=("vera_lambda_b", "vera_lambda_d"),
     capabilities=modapt.Capabilities(
         mergeable=True,

@@ -24,7 +24,7 @@ for bit (a mismatch is refused, never silently replaced: modapt's state is defin
 from __future__ import annotations
 
 import math
-import pydantic
+
 import torch
 from torch import nn
 
@@ -32,15 +32,7 @@ import modapt
 from modapt import layers
 from modapt.shared import shared_module
 
-
-class VeraOptions(modapt.Options):
-    r: int = pydantic.Field(256, gt=0, description="rank: rows of the shared A, columns of the shared B")
-    projection_prng_key: int = pydantic.Field(0, ge=0, description="seed of the shared random A and B")
-    d_initial: float = pydantic.Field(0.1, description="initial value of every entry of vera_lambda_d")
-    dropout: float = pydantic.Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
-    save_projection: bool = pydantic.Field(
-        False, description="PEFT's field: PEFT folders written for this adapter store the shared A and B "
-                           "(checked against the regenerated ones when read); modapt's own files never do")
+from .options import VeraOptions
 
 
 def _kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
