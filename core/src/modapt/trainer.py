@@ -265,7 +265,7 @@ def _run_callback(run: _Run):
             run.bar.set_postfix(loss=f"{row['loss']:.3f}", ex_s=f"{row['examples_per_s']:.1f}")
             done = state.global_step
             if run.config.eval_every and done % run.config.eval_every == 0 and done < state.max_steps:
-                result = run.evaluate_and_keep(done, state)
+                result = run.evaluate_and_keep(done)
                 if result:
                     run.bar.write(f"step {done}: " + ", ".join(f"val {k} {v:.4f}" for k, v in result.items()))
             return control
@@ -306,18 +306,14 @@ class _Run:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def evaluate_and_keep(self, step: int, state=None) -> dict:
+    def evaluate_and_keep(self, step: int) -> dict:
         if not self.writer:  # the other ranks go on and wait for rank 0 in the next gradient all-reduce
             return {}
-        if state is not None and state.best_metric is not None and self.best_step is None:
-            self.best, self.best_step = state.best_metric, state.best_global_step  # resumed: the best so far
         result = evaluate(self.model, self.tokenizer, self.val_set, self.config)
         self.record({"event": "eval", "step": step, **{f"val_{k}": v for k, v in result.items()}})
         score = result[self.key] if self.key == "accuracy" else -result[self.key]
         if score > self.best:
             self.best, self.best_step = score, step
-            if state is not None:  # kept in trainer_state.json of the next checkpoint
-                state.best_metric, state.best_global_step = score, step
             _fault("save:best", self.model)
             save(self.model, self.out_dir / "best")
             _fault("saved:best", self.model)
@@ -383,6 +379,12 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
     if config.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()  # a frozen embedding gives checkpointed blocks no grad to carry
     run = _Run(model, tokenizer, val_set, out_dir, config, writer, world)
+    if config.resume and writer:  # the best score so far is that of the evaluations in metrics.jsonl
+        for row in _read_history(out_dir):
+            if row.get("event") == "eval" and f"val_{run.key}" in row:
+                score = row[f"val_{run.key}"] if run.key == "accuracy" else -row[f"val_{run.key}"]
+                if score > run.best:
+                    run.best, run.best_step = score, row["step"]
     run.bar = _progress(total, config.progress and writer)
     if not writer:
         log = lambda *a, **k: None  # noqa: E731
@@ -409,11 +411,12 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
             save(model, out_dir / "last")
             _fault("saved:last", model)
         final = {}
+        interrupted = interrupted or (run.interrupt.requested and run.diverged is None)  # Ctrl-C while saving
         if not interrupted and run.diverged is None:
             run.interrupt.raising = True  # Ctrl-C during the final evaluation stops it; last/ is on disk
             try:
                 _fault("final-eval", model)
-                final = run.evaluate_and_keep(step, engine.state)
+                final = run.evaluate_and_keep(step)
             except KeyboardInterrupt:
                 interrupted = True
     if run.diverged is not None:
@@ -440,7 +443,8 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
 def _read_history(out_dir: Path) -> list[dict]:
     """Every row of metrics.jsonl (a resumed run draws the curves of all its parts)."""
     rows = []
-    for line in (out_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+    path = out_dir / "metrics.jsonl"
+    for line in (path.read_text(encoding="utf-8") if path.is_file() else "").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a line cut by a kill: the curves skip it
