@@ -391,6 +391,11 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
     engine = _engine_class()(model=model, args=args, train_dataset=_Dataset(len(train_set)),
                              data_collator=_Collator(tokenizer, train_set, config), callbacks=[_run_callback(run)])
     engine.modapt_config = config
+    if config.task == "sequence-classification":
+        # the classification loss is a mean per micro-batch and ignores ``num_items_in_batch``: the
+        # Trainer must divide by the accumulation steps itself, or the gradient is grad_accum times
+        # too large (measured: 4x the loss and the gradient norm of the same batch unaccumulated)
+        engine.model_accepts_loss_kwargs = False
     for noisy in (PrinterCallback, ProgressCallback):  # metrics.jsonl and our bar say it once
         engine.remove_callback(noisy)
     run.record({"event": "config", **asdict(config), "precision": config.precision or default_precision(),
