@@ -75,7 +75,8 @@ def test_bf16_with_accumulation_decreases_the_loss(workdir, capsys):
 
 def test_accumulation_equals_the_larger_batch_in_float32(workdir, capsys):
     """4 micro-batches of 2, accumulated = one batch of 8 (the same 8 examples: the sampler's
-    order does not depend on the batch size), after 3 optimizer steps in float32."""
+    order does not depend on the batch size), after 3 optimizer steps in float32; and
+    ``--gradient-checkpointing`` changes nothing but memory."""
     common = ("--precision", "fp32", "--steps", "3", "--eval-every", "0", "--lr", "0.01")
     assert main(argv(workdir, workdir / "big", "--batch-size", "8", *common)) == 0
     assert main(argv(workdir, workdir / "accum", "--batch-size", "2", "--grad-accum", "4", *common)) == 0
@@ -85,6 +86,10 @@ def test_accumulation_equals_the_larger_batch_in_float32(workdir, capsys):
     gap = max(float((big[k] - accum[k]).abs().max()) for k in big)
     print(f"accumulation vs batch: max |difference| {gap:.2e}")
     assert gap < 1e-5, gap
+    # gradient checkpointing recomputes the same activations: the same adapter
+    assert main(argv(workdir, workdir / "ckpt", "--batch-size", "8", "--gradient-checkpointing", *common)) == 0
+    recomputed = adapter(workdir / "ckpt" / "last")
+    assert max(float((big[k] - recomputed[k]).abs().max()) for k in big) < 1e-6
     # and the runs did train: B of LoRA starts at zero
     assert all(torch.count_nonzero(v) for k, v in big.items() if "lora_B" in k)
 

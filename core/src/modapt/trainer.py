@@ -145,9 +145,9 @@ def evaluate(model, tokenizer, examples: text_data.Examples, config: TrainConfig
 
 
 def _autocast(config: TrainConfig, device: torch.device):
-    """The autocast context of ``config.precision`` on ``device`` (a no-op for fp32)."""
-    precision = config.precision or default_precision()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    """The autocast context of ``config.precision`` on ``device`` (a no-op for fp32 and for
+    ``None``: evaluation keeps full precision unless a precision was asked for)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -338,11 +338,28 @@ def _training_arguments(config: TrainConfig, out_dir: Path, total: int):
         output_dir=str(out_dir / CHECKPOINTS), max_steps=total, per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum, learning_rate=config.lr, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, bf16=precision == "bf16", fp16=precision == "fp16",
-        gradient_checkpointing=config.gradient_checkpointing, seed=config.seed, data_seed=config.seed,
+        activation_checkpointing=config.gradient_checkpointing, seed=config.seed, data_seed=config.seed,
         logging_strategy="steps", logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps",
         save_steps=save_every, save_total_limit=1, eval_strategy="no", report_to=[], disable_tqdm=True,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=not cuda,
         ddp_find_unused_parameters=False, optim="adamw_torch", adam_epsilon=1e-8)
+
+
+def _construct(model, args, train_set, tokenizer, config: TrainConfig, run: _Run):
+    """The engine. The Trainer refuses a model marked quantized (a 4-bit base, or a GGUF file
+    dequantized at load) unless PEFT adapters are attached; modapt's are, so the marker PEFT sets
+    is raised while the Trainer checks, and put back (save_pretrained reads it)."""
+    marker = "_hf_peft_config_loaded"
+    quantized = getattr(model, "is_quantized", False) and not getattr(model, marker, False)
+    if quantized:
+        setattr(model, marker, True)
+    try:
+        return _engine_class()(model=model, args=args, train_dataset=_Dataset(len(train_set)),
+                               data_collator=_Collator(tokenizer, train_set, config),
+                               callbacks=[_run_callback(run)])
+    finally:
+        if quantized:
+            setattr(model, marker, False)
 
 
 def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text_data.Examples, out_dir,
@@ -388,8 +405,7 @@ def train(model, tokenizer, recipe, train_set: text_data.Examples, val_set: text
     run.bar = _progress(total, config.progress and writer)
     if not writer:
         log = lambda *a, **k: None  # noqa: E731
-    engine = _engine_class()(model=model, args=args, train_dataset=_Dataset(len(train_set)),
-                             data_collator=_Collator(tokenizer, train_set, config), callbacks=[_run_callback(run)])
+    engine = _construct(model, args, train_set, tokenizer, config, run)
     engine.modapt_config = config
     if config.task == "sequence-classification":
         # the classification loss is a mean per micro-batch and ignores ``num_items_in_batch``: the
