@@ -162,3 +162,14 @@ def test_a_dataset_dict_keeps_its_splits(workdir):
     only_train = datasets.DatasetDict({"train": data["train"]})
     only_train.save_to_disk(str(workdir / "dd-train"))
     assert "seeded split" in text_data.load_splits(str(workdir / "dd-train"), 0)[3]
+
+
+def test_resume_without_a_checkpoint_is_one_line(workdir, capsys):
+    assert main(argv(workdir, workdir / "nothing-yet", "--steps", "2", "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "--resume: no checkpoint in" in err and len(err.strip().splitlines()) == 1
+    assert main(argv(workdir, workdir / "x", "--steps", "2", "--resume", str(workdir))) == 1
+    assert "not a training checkpoint" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(argv(workdir, workdir / "x", "--steps", "2", "--precision", "fp16")) == 1
+        assert "--precision fp16 needs a CUDA device" in capsys.readouterr().err

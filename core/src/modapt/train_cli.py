@@ -1,4 +1,4 @@
-"""``modapt train``: fine-tune a model with a recipe (the loop is :mod:`modapt.trainer`).
+"""``modapt train``: fine-tune a model with a recipe (the engine is :mod:`modapt.trainer`).
 
 Everything that can be wrong with the arguments (a missing file, an unknown column, a recipe
 that targets nothing in this model) is reported before training starts.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 
 from . import embedded, text_data
@@ -106,6 +107,10 @@ def run(args) -> int:
     from .apply import apply
 
     apply(model, recipe)  # targets are checked against this model before the first step
+    import torch
+
+    if torch.cuda.is_available() and not args.quantize:  # the Trainer would move it; the evaluation before too
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     config = TrainConfig(epochs=args.epochs if args.epochs is not None else 1.0, steps=args.steps, lr=args.lr,
                          batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
                          eval_every=args.eval_every, eval_limit=args.eval_limit, task=args.task,
