@@ -69,9 +69,10 @@ def in_child(args: list[str], setup) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-def kill_inside_save(folder: str, kill_at: int, dump) -> None:
+def kill_inside_save(folder: str, kill_at: int, dump, exchange_works: bool = True) -> None:
     """Exit at rename boundary ``kill_at`` (before/after each rename, counted from 1) while
-    ``folder`` is being replaced; what that save writes is dumped to ``dump`` first."""
+    ``folder`` is being replaced; what that save writes is dumped to ``dump`` first. Without
+    ``exchange_works`` the save takes its two-renames-and-a-journal path."""
     active, count = [False], [0]
 
     def hook(point, model):
@@ -96,7 +97,7 @@ def kill_inside_save(folder: str, kill_at: int, dump) -> None:
         return wrapped
 
     os.rename, os.replace = wrap(os.rename), wrap(os.replace)
-    atomic_folder.exchange = wrap(atomic_folder.exchange)
+    atomic_folder.exchange = wrap(atomic_folder.exchange if exchange_works else (lambda a, b: False))
     trainer.FAULT_HOOK = hook
 
 
@@ -108,8 +109,10 @@ def earlier_run(workdir):
     return out, loaded(workdir, out / "best"), loaded(workdir, out / "last")
 
 
+@pytest.mark.parametrize("exchange_works", [True, False], ids=["renameat2-exchange", "two-renames-journal"])
 @pytest.mark.parametrize("folder", ["best", "last"])
-def test_killed_while_replacing_a_folder_leaves_the_old_or_the_new_adapter(workdir, earlier_run, folder, capfd):
+def test_killed_while_replacing_a_folder_leaves_the_old_or_the_new_adapter(workdir, earlier_run, folder,
+                                                                           exchange_works, capfd):
     """``--eval-every 0``: last/ is replaced once, then best/ once after the final evaluation."""
     out, *_ = earlier_run
     dump = workdir / f"new-{folder}.pt"
@@ -117,7 +120,7 @@ def test_killed_while_replacing_a_folder_leaves_the_old_or_the_new_adapter(workd
     for kill_at in range(1, 16):
         old = {name: loaded(workdir, out / name) for name in ("best", "last")}
         code = in_child(argv(workdir, out, "--steps", "2", "--eval-every", "0", "--seed", "1"),
-                        lambda: kill_inside_save(folder, kill_at, dump))
+                        lambda: kill_inside_save(folder, kill_at, dump, exchange_works))
         assert code in (0, KILLED), capfd.readouterr().out[-2000:]
         new = torch.load(dump)
         assert not same(new, old[folder])  # the new run writes other values
@@ -129,7 +132,7 @@ def test_killed_while_replacing_a_folder_leaves_the_old_or_the_new_adapter(workd
             assert same(now[other], old[other])
         if code == 0:
             break
-    print(f"{folder}/ kill outcomes:", outcomes)
+    print(f"{folder}/ kill outcomes ({'exchange' if exchange_works else 'journal'}):", outcomes)
     assert code == 0 and outcomes[0] == "old" and outcomes[-1] == "new" and len(outcomes) >= 3, outcomes
 
 
