@@ -6,7 +6,9 @@
 writer in a subprocess, kills it (SIGKILL: no cleanup runs) a few times at random moments and
 checks what is on disk: the previous or the new complete adapter, which must load; a folder
 that does not load fails the test. (core/tests/test_save_faults.py kills save at every rename,
-deterministically.)
+deterministically; core/tests/test_train_faults.py kills ``modapt train`` at every rename of its
+``best/`` and ``last/`` replacements and at the final evaluation, and sends it SIGINT at each
+step and save.)
 """
 
 from __future__ import annotations

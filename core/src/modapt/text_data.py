@@ -1,5 +1,11 @@
 """Labelled text for ``modapt train``: reading (CSV, JSONL, the embedded corpus, a saved HF
-``datasets`` folder), a seeded split, and padded batches."""
+``datasets`` folder or ``DatasetDict``, a folder of train/validation/test files), the splits,
+and padded batches.
+
+Splits: data that comes split (a ``DatasetDict``, or a folder holding ``train.csv``,
+``validation.csv``, ``test.csv``...) keeps its own splits; a single set is split by a seeded
+shuffle (:data:`SPLIT`). :func:`load_splits` returns which of the two it did, in words.
+"""
 
 from __future__ import annotations
 
@@ -59,36 +65,100 @@ def _rows(path: Path) -> list[dict]:
 
 def read_examples(source: str, *, text_column: str = "text", label_column: str | None = "label",
                   task: str = "sequence-classification") -> Examples:
-    """Read labelled (or, for causal-lm, plain) text from ``source``."""
+    """Read labelled (or, for causal-lm, plain) text from ``source`` as one set (the ``train``
+    split of a ``DatasetDict``)."""
     if source == embedded.ROTTEN_TOMATOES:
         rows = [r for r in _rows(embedded.rotten_tomatoes_csv()) if r["category"] != "plot"]
         return Examples([r["text"] for r in rows], [int(r["category"] == "fresh") for r in rows], ["rotten", "fresh"])
+    sets = _read_sets(source)
+    return _to_examples({"train": sets.get("train", next(iter(sets.values())))}, source, text_column, label_column,
+                        task)["train"]
+
+
+# the names a split may have in a DatasetDict or as a file stem in a split folder
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+_SUFFIXES = (".csv", ".jsonl", ".json", ".csv.gz", ".jsonl.gz", ".csv.bz2", ".jsonl.bz2")
+
+
+def _read_sets(source: str) -> dict[str, list[dict]]:
+    """{split name: rows}: one entry ``{"all": rows}`` for a single file or dataset."""
     path = Path(source)
     if path.is_dir():
-        rows = _dataset_rows(path)
+        files = {name: path / f"{stem}{suffix}" for name, stems in SPLIT_NAMES.items() for stem in stems
+                 for suffix in _SUFFIXES if (path / f"{stem}{suffix}").is_file()}
+        if "train" in files:
+            return {name: _rows(f) for name, f in files.items()}
+        sets = _dataset_rows(path)
     elif path.is_file():
-        rows = _rows(path)
+        sets = {"all": _rows(path)}
     else:
         raise ModaptError(f"--data: no such file or directory: {source}")
-    if not rows:
+    if not any(sets.values()):
         raise ModaptError(f"--data: {source} holds no rows")
-    _check_rows(rows, source)
-    columns = list(rows[0])
-    if text_column not in columns:
-        raise ModaptError(f"--data: no column '{text_column}' in {source}; columns: {', '.join(columns)}")
-    texts = [str(r[text_column]) for r in rows]
+    return sets
+
+
+def _to_examples(sets: dict[str, list[dict]], source: str, text_column: str, label_column: str | None,
+                 task: str) -> dict[str, Examples]:
+    """Rows to :class:`Examples`, one label numbering shared by every split."""
+    for rows in sets.values():
+        _check_rows(rows, source)
+    columns = list(next(rows for rows in sets.values() if rows)[0])
+    for name, rows in sets.items():
+        if rows and text_column not in rows[0]:
+            raise ModaptError(f"--data: no column '{text_column}' in {source}; columns: {', '.join(columns)}")
     if task == "causal-lm" or label_column is None:
-        return Examples(texts, [], [])
-    if label_column not in columns:
-        raise ModaptError(f"--data: no label column '{label_column}' in {source}; columns: {', '.join(columns)} "
-                          "(choose one with --label-column)")
-    raw = [r[label_column] for r in rows]
-    empty = next((i for i, v in enumerate(raw) if v is None or v == ""), None)
-    if empty is not None:
-        raise ModaptError(f"--data: row {empty + 1} of {source} has no value in label column '{label_column}'")
-    names = sorted({str(v) for v in raw}, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
+        return {name: Examples([str(r[text_column]) for r in rows], [], []) for name, rows in sets.items()}
+    for name, rows in sets.items():
+        if rows and label_column not in rows[0]:
+            raise ModaptError(f"--data: no label column '{label_column}' in {source}; columns: "
+                              f"{', '.join(rows[0])} (choose one with --label-column)")
+        empty = next((i for i, r in enumerate(rows) if r[label_column] is None or r[label_column] == ""), None)
+        if empty is not None:
+            where = "" if name == "all" else f" ({name} split)"
+            raise ModaptError(f"--data: row {empty + 1} of {source}{where} has no value in label column "
+                              f"'{label_column}'")
+    raw = {str(r[label_column]) for rows in sets.values() for r in rows}
+    names = sorted(raw, key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
     index = {n: i for i, n in enumerate(names)}
-    return Examples(texts, [index[str(v)] for v in raw], names)
+    return {name: Examples([str(r[text_column]) for r in rows], [index[str(r[label_column])] for r in rows], names)
+            for name, rows in sets.items()}
+
+
+def load_splits(source: str, seed: int, *, text_column: str = "text", label_column: str | None = "label",
+                task: str = "sequence-classification") -> tuple[Examples, Examples, Examples, str]:
+    """(train, validation, test, what was done in words).
+
+    A ``DatasetDict`` or a split folder keeps its splits (a missing validation split is
+    :data:`SPLIT`'s share of ``train``, seeded; a missing test split is empty); one set is split
+    by :func:`split` with ``seed``.
+    """
+    if source == embedded.ROTTEN_TOMATOES:
+        sets = {"all": None}
+        examples = read_examples(source)
+    else:
+        sets = _read_sets(source)
+        converted = _to_examples(sets, source, text_column, label_column, task)
+        examples = converted.get("all")
+    if "all" in sets or list(sets) == ["train"]:
+        examples = examples if examples is not None else converted["train"]
+        train, val, test = split(examples, seed)
+        how = (f"one set of {len(examples)} rows, seeded split {'/'.join(f'{f:.0%}' for f in SPLIT)} "
+               f"(seed {seed})")
+        return train, val, test, how
+    if "train" not in converted:
+        raise ModaptError(f"--data: {source} has the splits {', '.join(converted)} but no 'train' split")
+    train = converted["train"]
+    kept = [name for name in ("train", "validation", "test") if name in converted]
+    if "validation" in converted:
+        val = converted["validation"]
+        how = f"kept the data's own splits ({', '.join(kept)})"
+    else:
+        share = SPLIT[1] / (SPLIT[0] + SPLIT[1])
+        train, val, _ = split(train, seed, (1 - share, share, 0.0))
+        how = f"kept the data's own splits ({', '.join(kept)}); validation is {share:.0%} of train (seed {seed})"
+    test = converted.get("test", Examples([], [], train.label_names))
+    return train, val, test, how
 
 
 def _check_rows(rows: list, source: str) -> None:
@@ -103,7 +173,7 @@ def _check_rows(rows: list, source: str) -> None:
                               "the header has columns")
 
 
-def _dataset_rows(path: Path) -> list[dict]:
+def _dataset_rows(path: Path) -> dict[str, list[dict]]:
     try:
         import datasets
     except ImportError:
@@ -115,8 +185,9 @@ def _dataset_rows(path: Path) -> list[dict]:
         raise ModaptError(f"--data: {path} is a folder but not a saved Hugging Face dataset "
                           f"(datasets.load_from_disk: {exc})") from None
     if isinstance(ds, datasets.DatasetDict):
-        ds = ds["train"]
-    return [dict(r) for r in ds]
+        aliases = {stem: name for name, stems in SPLIT_NAMES.items() for stem in stems}
+        return {aliases.get(name, name): [dict(r) for r in split_] for name, split_ in ds.items()}
+    return {"all": [dict(r) for r in ds]}
 
 
 def split(examples: Examples, seed: int, fractions=SPLIT) -> tuple[Examples, Examples, Examples]:
@@ -137,12 +208,17 @@ def batches(tokenizer, examples: Examples, batch_size: int, max_length: int, *, 
     if shuffle:
         random.Random(seed).shuffle(order)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([examples.texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
-        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-        if task == "causal-lm":
-            batch["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        else:
-            batch["labels"] = torch.tensor([examples.labels[i] for i in idx])
-        yield batch
+        yield collate(tokenizer, examples, order[start:start + batch_size], max_length, task=task)
+
+
+def collate(tokenizer, examples: Examples, idx: list[int], max_length: int, *,
+            task: str = "sequence-classification") -> dict[str, torch.Tensor]:
+    """One padded batch of the examples at ``idx`` (shapes as in :func:`batches`)."""
+    enc = tokenizer([examples.texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                    return_tensors="pt")
+    batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    if task == "causal-lm":
+        batch["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    else:
+        batch["labels"] = torch.tensor([examples.labels[i] for i in idx])
+    return batch
