@@ -116,6 +116,7 @@ def test_data_that_is_not_what_train_reads_is_one_line(workdir, name, content, m
     ("tokenizer", "cannot load a tokenizer from"),
     ("config", "cannot load a tokenizer from"),  # transformers reads config.json for the tokenizer first
     ("weights", "cannot load the model in"),
+    ("pickle-only", "cannot load the model in"),  # a pytorch_model.bin is never unpickled
 ])
 def test_model_folders_that_cannot_load_are_one_line(workdir, damage, message, capsys):
     import shutil
@@ -129,6 +130,10 @@ def test_model_folders_that_cannot_load_are_one_line(workdir, damage, message, c
         (model / "config.json").write_text("{")
     else:
         for f in model.glob("*.safetensors"):
+            if damage == "pickle-only":
+                from safetensors.torch import load_file
+
+                torch.save(load_file(f), model / "pytorch_model.bin")
             f.unlink()
     argv = _argv(workdir, workdir / f"out-{damage}", "--steps", "1")
     argv[argv.index("--model") + 1] = str(model)
@@ -146,3 +151,21 @@ def test_a_folder_that_is_not_a_saved_dataset_is_one_line(workdir, capsys):
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 1 and "is a folder but not a saved Hugging Face dataset" in err and "Traceback" not in err, err
+
+
+def test_a_plot_that_cannot_be_written_names_its_file(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import errno
+
+    from matplotlib.figure import Figure
+    from modapt import trainer
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")  # what a write under ulimit -f raises, with no name
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    history = [{"event": "train", "step": 1, "loss": 1.0}, {"event": "eval", "step": 1, "val_loss": 1.0}]
+    with pytest.raises(OSError) as caught:
+        trainer._plot(history, tmp_path / "curves.png")
+    assert caught.value.filename == str(tmp_path / "curves.tmp.png") and caught.value.errno == errno.EFBIG
+    assert not list(tmp_path.iterdir())

@@ -71,6 +71,8 @@ def load_model(name_or_dir: str, task: str, num_labels: int = 2, *, layers: int 
             raise ModaptError(f"--model: '{name_or_dir}' is neither '{SMOLLM2}' nor a local transformers model "
                               "directory (no config.json)")
         source = str(path)
+        # a local folder is read from safetensors only: a pickle (pytorch_model.bin) could run code
+        load_kwargs = {"use_safetensors": True, **load_kwargs}
     model_kwargs = {**kwargs, **load_kwargs}
     if task not in ("sequence-classification", "causal-lm"):
         raise ModaptError(f"--task: unknown task '{task}'; accepted: sequence-classification, causal-lm")

@@ -518,7 +518,12 @@ def _plot(history: list[dict], path: Path) -> str | None:
     ax[1].set_title(metric.replace("_", " "))
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp, dpi=100)
+    except OSError as exc:  # matplotlib writes through a file object: the error names no file
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror or str(exc), str(tmp)) from None
+    finally:
+        plt.close(fig)
     tmp.replace(path)
     return str(path)
