@@ -58,6 +58,9 @@ def in_child(args: list[str], setup) -> int:
     pid = os.fork()
     if pid == 0:  # child: never returns into pytest
         code = 1
+        # the parent's OpenMP thread pool does not survive fork (libgomp: a parallel region in the
+        # child crashes); one thread keeps every kernel on the calling thread
+        torch.set_num_threads(1)
         try:
             setup()
             code = main(args)
