@@ -118,3 +118,23 @@ def test_state_files_that_do_not_fit_are_refused_in_one_line(tmp_path):
           {f"adalora/{name}": torch.zeros(1, 2)})
     with pytest.raises(modapt.ModaptError, match="is \\[1, 2\\], the parameter is"):
         modapt.load_training_state(model, folder)
+
+
+def test_callback_alone_makes_adapter_checkpoints_that_the_mixin_resumes(tmp_path):
+    """A plain Trainer with ModaptCallback: each checkpoint becomes an adapter folder (no whole
+    model, the plugin state beside it); a ModaptTrainer resumes from it to the same end."""
+    from transformers import Trainer
+
+    # a callback cannot add AdaLoRA's regulariser to a plain Trainer's loss: compare without it
+    recipe = {"adapter": [{**ADALORA["adapter"][0], "orth_reg_weight": 0.0}]}
+    model = modapt.apply(tiny_llama(), recipe)
+    plain = trainer(model, tmp_path / "run")
+    Trainer(model=model, args=plain.args, train_dataset=data(), callbacks=[hf_callback.ModaptCallback()]).train()
+    final = state(model)
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    assert not list(checkpoint.glob("model*.safetensors")) and (checkpoint / "optimizer.pt").is_file()
+    assert (checkpoint / modapt.training.TRAINING_STATE_FILE).is_file()
+    modapt.load(tiny_llama(), checkpoint)  # an adapter folder
+    other = perturbed(recipe)
+    trainer(other, tmp_path / "run").train(resume_from_checkpoint=str(checkpoint))
+    assert max_diff(state(other), final) <= 1e-6

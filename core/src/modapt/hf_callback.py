@@ -21,34 +21,68 @@ Each checkpoint also holds the plugins' training state kept outside the adapter 
 resume, so a resumed run ends where the uninterrupted one ends; MAP's stepwise schedule follows
 from the step number, which the Trainer restores.
 
-``ModaptCallback`` alone (in a Trainer without the mixin) runs the step hooks but cannot change
-what the Trainer writes: its checkpoints hold the whole model and no plugin state. Use
-:func:`with_modapt` on the Trainer class for adapter checkpoints and exact resume.
+``ModaptCallback`` alone (in a plain ``Trainer`` or TRL's, without the mixin) runs the step
+hooks and, in ``on_save``, turns each ``checkpoint-N/`` the Trainer just wrote into an adapter
+folder: the adapter is saved into it (atomically), then the Trainer's whole-model weight files
+are deleted, then the plugins' training state is added; the folder loads with ``modapt.load``
+at every moment (a crash in between leaves extra files, never a broken adapter). Resuming needs
+the mixin (:func:`with_modapt`): a plain Trainer loads a checkpoint before any callback runs and
+looks for whole-model weights. A callback cannot add the regularisation term to the loss either.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .apply import is_adapted
 from .persistence import restore, save
-from .training import (after_optimizer_step, before_optimizer_step, load_training_state, regularization_loss,
-                       save_training_state)
+from .training import (TRAINING_STATE_FILE, after_optimizer_step, before_optimizer_step, load_training_state,
+                       regularization_loss, save_training_state)
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name for the pickled TrainingArguments
 
 
+#: the whole-model weight files a Trainer writes into a checkpoint (single file or shards + index)
+FULL_MODEL_FILES = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
+
+
 class ModaptCallback(TrainerCallback):
-    """Runs the plugins' optimizer-step hooks (AdaLoRA's allocation, MAP's schedule)."""
+    """Runs the plugins' optimizer-step hooks (AdaLoRA's allocation, MAP's schedule) and makes
+    each ``checkpoint-N/`` of a Trainer without the mixin an adapter folder (see the module)."""
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        before_optimizer_step(model, state.global_step)
+        before_optimizer_step(_unwrapped(model), state.global_step)
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        after_optimizer_step(model, state.global_step)
+        after_optimizer_step(_unwrapped(model), state.global_step)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        model = _unwrapped(model)
+        if model is None or not is_adapted(model) or not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if not folder.is_dir():  # a checkpoint under another name (hyper-parameter search): left as is
+            return
+        full = [p for p in folder.iterdir() if FULL_MODEL_FILES.fullmatch(p.name)]
+        if full:  # a Trainer without the mixin saved the whole model: the adapter replaces it
+            save(model, folder)
+            for path in full:  # only once the adapter is in place: the folder loads at every moment
+                path.unlink()
+        if not (folder / TRAINING_STATE_FILE).is_file():
+            save_training_state(model, folder)
+
+
+def _unwrapped(model):
+    """The adapted model inside a DDP/FSDP wrapper (``.module``), or ``model``."""
+    while model is not None and not is_adapted(model) and hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 class ModaptTrainerMixin:
