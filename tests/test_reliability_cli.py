@@ -97,6 +97,9 @@ def test_merge_under_a_file_size_limit_is_one_line(root):
     pid = os.fork()
     if pid == 0:
         try:
+            import torch
+
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork: one thread in the child
             with open(err_path, "w") as err:
                 sys.stderr = err
                 resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
