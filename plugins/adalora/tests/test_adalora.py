@@ -7,7 +7,8 @@ import pytest
 import torch
 from modapt.testing import tiny_inputs, tiny_llama
 from modapt_adalora import AdaLoraOptions, allocators_of, budget_schedule, ranks
-from modapt_adalora.allocator import CACHE_ATTR, adalora_layers
+from modapt.shared import SHARED_ATTR
+from modapt_adalora.allocator import adalora_layers
 
 
 def recipe(**options):
@@ -65,7 +66,8 @@ def test_entries_with_different_schedules_get_separate_budgets(registry):
     model = modapt.apply(tiny_llama(), rec, registry=registry)
     allocators = allocators_of(model)
     assert sorted((a.init_budget, a.target_budget) for a in allocators) == [(8, 2), (12, 6)]
-    assert allocators_of(model) is allocators  # kept on the model between calls
+    assert all(a is b for a, b in zip(allocators_of(model), allocators))  # kept on the model between calls
+    assert len(model.modapt_shared) == 2  # one shared state per schedule
     params = list(modapt.trainable_parameters(model).values())
     for step in range(5):
         for p in params:
@@ -80,9 +82,9 @@ def test_state_is_rebuilt_for_a_new_adapter(registry):
     model = modapt.apply(tiny_llama(), recipe(), registry=registry)
     first = allocators_of(model)
     modapt.remove(model)
-    assert allocators_of(model) == [] and CACHE_ATTR not in model.__dict__
+    assert allocators_of(model) == [] and SHARED_ATTR not in model._modules
     modapt.apply(model, recipe(), registry=registry)
-    assert allocators_of(model) is not first
+    assert allocators_of(model)[0] is not first[0]
 
 
 def test_hooks_ignore_models_without_adalora(registry):
@@ -170,3 +172,21 @@ def test_batched_scores_and_masks_equal_the_per_layer_ones(registry):
         want = before[path].masked_fill(~keep.view(-1, 1), 0.0)
         assert torch.equal(host.lora_E, want) and not torch.signbit(host.lora_E[~keep]).any(), path
     assert sum(ranks(model).values()) == allocator.init_budget - 10
+
+
+def test_scores_live_on_the_models_shared_state(registry, tmp_path):
+    model = modapt.apply(tiny_llama(), recipe(), registry=registry)
+    for p in modapt.trainable_parameters(model).values():
+        p.grad = torch.randn_like(p)
+    modapt.after_optimizer_step(model, 0, registry=registry)
+    (shared,) = model.modapt_shared.values()
+    scored = dict(shared.named_buffers())
+    params = modapt.trainable_parameters(model)
+    assert len(scored) == 2 * len(params)
+    beta1 = allocators_of(model)[0].options.beta1
+    for name, p in params.items():  # after one step from 0: Ī = (1 - β1)|θ ⊙ g|
+        want = (p * p.grad).abs() * (1 - beta1)
+        torch.testing.assert_close(scored["sensitivity/" + name.replace(".", "/")], want, rtol=1e-6, atol=0)
+    assert not any("modapt_shared" in k for k in model.state_dict())  # training state, not adapter state
+    model.to(torch.float64)  # moved (here: cast) with the model, and still the allocator's
+    assert all(t.dtype == torch.float64 for t in allocators_of(model)[0].sensitivity)

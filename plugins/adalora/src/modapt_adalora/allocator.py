@@ -1,12 +1,14 @@
 """The rank allocator: budget schedule, importance scores, and the masking of Λ.
 
-One :class:`RankAllocator` holds the global state of the AdaLoRA layers of one model that
-share a schedule (normally all of them). It lives in ``model.__dict__["modapt_adalora"]``,
-built lazily by :func:`allocators_of` on the first hook call from ``modapt.state_of(model)``
-and rebuilt if the adapted layers change (``remove`` / a new ``apply``). What must survive a
-save is on the layers, not here: each host's ``rank_pattern`` buffer and its Λ, zeroed where
-pruned. The importance scores are training state like optimizer moments, and, as in PEFT,
-they are not saved.
+One :class:`RankAllocator` drives the AdaLoRA layers of one model that share a schedule
+(normally all of them). Its state across steps (importance averages, budget) lives in the
+schedule's :class:`~.budget_state.BudgetState`, registered on the model through
+:mod:`modapt.shared` at apply time, so it moves with the model; the allocator itself is built
+lazily by :func:`allocators_of` from ``modapt.state_of(model)`` and rebuilt (scores cleared) if
+the adapted layers change. What must survive a save is on the layers: each host's
+``rank_pattern`` buffer and its Λ, zeroed where pruned. The importance scores are training
+state like optimizer moments: checkpoints keep them (:mod:`.training_state`, through
+:func:`modapt.training.save_training_state`), adapter folders do not (as in PEFT).
 
 Numerics and schedule follow PEFT 0.21's ``RankAllocator`` and ``update_and_allocate``; a
 step ``t`` here is PEFT's ``global_step``: the 0-based index of the optimizer step just taken.
@@ -19,11 +21,11 @@ import torch
 from modapt import StateError
 from torch import nn
 
+from .budget_state import BudgetState
 from .options import AdaLoraOptions
 from .sharding import DTensor, full, laid_out_like
 from .svd_update import AdaLora
 
-CACHE_ATTR = "modapt_adalora"
 #: the order in which a layer's parameters are scored (any order gives the same result)
 PARAM_KEYS = ("lora_A", "lora_E", "lora_B")
 
@@ -60,14 +62,42 @@ class RankAllocator:
     and the score of triplet i of a layer is s(Λ)[i] + mean_j s(Q)[i, j] + mean_j s(P)[j, i].
     """
 
-    def __init__(self, options: AdaLoraOptions, hosts: dict[str, nn.Module]):
+    def __init__(self, options: AdaLoraOptions, hosts: dict[str, nn.Module], state: BudgetState | None = None):
         self.options = options
         self.hosts = dict(hosts)
+        self.state = state if state is not None else BudgetState()
+        self.state.clear()
         self.init_budget = sum(h.update.init_r for h in self.hosts.values())
         self.target_budget = options.target_r * len(self.hosts)
-        self.budget = self.init_budget
-        self.sensitivity: list[torch.Tensor] = []  # PEFT's exp_avg_ipt, in the order of _named_params()
-        self.uncertainty: list[torch.Tensor] = []  # PEFT's exp_avg_unc
+        self.state.budget = self.init_budget
+        self._names = [name for name, _ in self._named_params()]
+
+    # the state across steps, kept on the model's shared BudgetState
+    @property
+    def budget(self) -> int:
+        return self.state.budget
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self.state.budget = value
+
+    @property
+    def sensitivity(self) -> list[torch.Tensor]:
+        """PEFT's ``exp_avg_ipt``, in the order of ``_named_params()`` ([] before any score)."""
+        return self.state.scores("sensitivity")
+
+    @sensitivity.setter
+    def sensitivity(self, tensors: list[torch.Tensor]) -> None:
+        self.state.set_scores("sensitivity", self._names, tensors)
+
+    @property
+    def uncertainty(self) -> list[torch.Tensor]:
+        """PEFT's ``exp_avg_unc``, in the order of ``_named_params()``."""
+        return self.state.scores("uncertainty")
+
+    @uncertainty.setter
+    def uncertainty(self, tensors: list[torch.Tensor]) -> None:
+        self.state.set_scores("uncertainty", self._names, tensors)
 
     def _named_params(self) -> list[tuple[str, nn.Parameter]]:
         return [(f"{path}.{key}", getattr(host, key)) for path, host in self.hosts.items() for key in PARAM_KEYS]
@@ -245,26 +275,24 @@ def adalora_layers(model: nn.Module) -> dict[str, nn.Module]:
 def allocators_of(model: nn.Module) -> list[RankAllocator]:
     """The model's allocators, one per distinct schedule (see :data:`~.options.SCHEDULE_KEYS`).
 
-    Built on first use and kept in ``model.__dict__["modapt_adalora"]`` with the adapter state
-    they were built for; rebuilt (scores lost) when the adapted layers are no longer the same.
+    Each is kept on its schedule's shared :class:`~.budget_state.BudgetState` with the layers
+    it was built for, and rebuilt (scores cleared) when the adapted layers are no longer the same.
     """
-    hosts = adalora_layers(model)
-    if not hosts:
-        model.__dict__.pop(CACHE_ATTR, None)
-        return []
-    state = modapt.state_of(model)
-    identity = tuple((path, id(host)) for path, host in hosts.items())
-    cached = model.__dict__.get(CACHE_ATTR)
-    if cached is not None and cached[0] is state and cached[1] == identity:
-        return cached[2]
-    groups: dict[tuple, dict[str, nn.Module]] = {}
-    for path, host in hosts.items():
-        groups.setdefault(host.update.options.schedule_key(), {})[path] = host
-    allocators = [RankAllocator(next(iter(g.values())).update.options, g) for g in groups.values()]
-    model.__dict__[CACHE_ATTR] = (state, identity, allocators)
+    groups: dict[int, dict[str, nn.Module]] = {}
+    for path, host in adalora_layers(model).items():
+        groups.setdefault(id(host.update.budget_state), {})[path] = host
+    allocators = []
+    for hosts in groups.values():
+        state = next(iter(hosts.values())).update.budget_state
+        identity = tuple((path, id(host)) for path, host in hosts.items())
+        if state.allocator is None or state.allocator[0] != identity:
+            options = next(iter(hosts.values())).update.options
+            state.allocator = (identity, RankAllocator(options, hosts, state))
+        allocators.append(state.allocator[1])
     return allocators
 
 
 def ranks(model: nn.Module) -> dict[str, int]:
     """path -> the rank each AdaLoRA layer has after the last allocation (``init_r`` before any)."""
     return {path: int(host.rank_pattern.sum()) for path, host in adalora_layers(model).items()}
+

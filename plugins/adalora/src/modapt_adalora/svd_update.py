@@ -19,6 +19,7 @@ import torch
 from modapt import Update, layers
 from torch import nn
 
+from .budget_state import budget_state_for
 from .options import AdaLoraOptions
 
 #: PEFT adds this to ``ranknum`` before dividing (its guard against a zero rank).
@@ -55,6 +56,9 @@ class AdaLora(Update):
         # which triplets the last allocation kept (all of them until the first one)
         host.register_buffer("rank_pattern", torch.ones(r, dtype=torch.bool))
         host.lora_dropout = nn.Dropout(options.dropout) if options.dropout > 0 else nn.Identity()
+        # the allocator's state across layers and steps, on the model (modapt.shared); a plain
+        # attribute, so that it is not a submodule of each host
+        self.budget_state = budget_state_for(options.schedule_key())
 
     fused_low_rank = True  # forward = dropout(x) Rᵀ Lᵀ with (L, R) = factors()
 

@@ -9,6 +9,11 @@ parameter whose ``.grad`` is ``None``: it does not move at all (a zero gradient 
 move it by Adam's momentum and by weight decay) and its Adam moments and step count are
 paused, not decayed, until its next turn. Call ``modapt.before_optimizer_step`` before
 gradient clipping, so that the clipping norm covers only the group that trains.
+
+The schedule keeps no state between steps: the turn is a function of the step, and the paused
+Adam moments are the optimizer's. A resumed run (HF Trainer checkpoint, ``modapt train``)
+continues mid-turn from the restored step and optimizer alone, so this plugin gives nothing
+to :func:`modapt.training.save_training_state`.
 """
 
 from __future__ import annotations
