@@ -126,7 +126,7 @@ def read_training_state(folder: str | os.PathLike) -> dict[str, TrainingState] |
     path = Path(folder) / TRAINING_STATE_FILE
     if not path.is_file():
         return None
-    header, metadata, _ = read_safetensors_header(path)
+    _, metadata, _ = read_safetensors_header(path)  # bounded, checked header before any tensor is read
     if _METADATA_KEY not in metadata:
         raise StateError(f"{path}: not a modapt training-state file (no '{_METADATA_KEY}' metadata)")
     values = parse_json(metadata[_METADATA_KEY], f"{path} (metadata)")
@@ -140,7 +140,6 @@ def read_training_state(folder: str | os.PathLike) -> dict[str, TrainingState] |
         if name not in states or not rest:
             raise StateError(f"{path}: tensor '{key}' belongs to no plugin listed in the file")
         states[name].tensors[rest] = tensor
-    del header
     return states
 
 
